@@ -1,0 +1,695 @@
+"""The synthetic world: scene specs, renderer, captions and instructions, task pairs, VQA, and your own data.
+
+Every image in this project comes from a `Scene` spec, so every result can be measured exactly: scorer.py parses
+generated pixels back into attributes and compares them with the spec. The world is small on purpose (four
+shapes, eight colours, two sizes, a 3x3 grid, 1-3 objects, backgrounds with an optional horizon, outlines) and
+built so that parsing is unambiguous: objects never sit in neighbouring cells, object colours are saturated and
+background colours are not, sky and ground are both light or both dark, and outlines contrast with them.
+
+Tasks (each a batch of condition -> target with its spec, see `make_batch`):
+  t2i          caption -> image; includes "a grid of four images of the same <subject>" (2x2 panels,
+               each panel may deviate from the subject with probability `grid_inconsistency`)
+  local_edit   source + instruction -> target (recolour / remove / add / move one object)
+  global_edit  source + instruction -> target (background, sky, ground, swap two colours, hue shift,
+               invert, grayscale, darken, mirror)
+  inpaint      masked image + caption -> image (box and brush holes)
+  outpaint     masked image + caption -> image (border holes)
+  customize    reference subject + caption of a new context -> image (Diffusion Self-Distillation)
+
+Image convention everywhere: float tensors in [-1, 1], (B, 3, H, W); masks (B, 1, H, W) in {0, 1}.
+`python data.py` writes a PNG preview of every task, prints the scorer's accuracy and data throughput.
+"""
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+# ----------------------------------------------------------------------------- the world's vocabulary
+SHAPES = ("circle", "square", "triangle", "diamond")
+# Object colours: eight hues 45 degrees apart at full saturation, so hue shift and invert stay in the palette.
+COLORS = {"red": (1, 0, 0), "yellow": (1, .75, 0), "lime": (.5, 1, 0), "green": (0, 1, .25),
+          "cyan": (0, 1, 1), "blue": (0, .25, 1), "purple": (.5, 0, 1), "pink": (1, 0, .75)}
+# Background colours: unsaturated, closed under invert (white<->black, silver<->gray, sand<->navy).
+BACKGROUNDS = {"white": (.92, .92, .92), "silver": (.69, .69, .69), "sand": (.88, .8, .59),
+               "black": (.08, .08, .08), "gray": (.31, .31, .31), "navy": (.12, .2, .41)}
+LIGHT = ("white", "silver", "sand")  # a light background gets black outlines, a dark one white outlines
+SIZES = {"small": .14, "large": .2}  # circumradius as a fraction of the image side
+LINES = (0, 1, 2)  # outline width in pixels at 32 px (scales with resolution)
+HORIZONS = {"none": None, "high": .25, "middle": .5, "low": .75}  # horizon row as a fraction from the top
+PATTERNS = ("split", "banded", "dotted")  # how a subject's second colour is laid out
+CENTERS = (.2, .5, .8)  # object centre of each grid column / row
+CELLS = ("top left", "top center", "top right", "middle left", "center", "middle right",
+         "bottom left", "bottom center", "bottom right")
+TONES = ("normal", "gray", "dark")
+WARM, COOL = ("red", "yellow", "pink"), ("green", "cyan", "blue")
+TASKS = ("t2i", "local_edit", "global_edit", "inpaint", "outpaint", "customize")
+# Held-out colour-shape pairs: never drawn in the train/test splits, always in the "heldout" split.
+HELDOUT = {("red", "triangle"), ("blue", "circle"), ("lime", "diamond"), ("pink", "square")}
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    size: str
+    cell: int  # 0..8, row-major
+    line: int = 0
+    color2: str | None = None  # subjects only: second colour
+    pattern: str | None = None  # subjects only: split | banded | dotted
+
+    def subject(self):
+        return (self.shape, self.color, self.color2, self.pattern)
+
+
+@dataclass
+class Scene:
+    objects: list
+    sky: str  # the background colour (above the horizon, or everywhere without one)
+    ground: str  # below the horizon (== sky when horizon == "none")
+    horizon: str = "none"
+    tone: str = "normal"  # set by the grayscale / darken global edits
+
+
+@dataclass
+class Grid:
+    """Four panels, 2x2, each a Scene rendered at half resolution."""
+    panels: list
+
+
+@dataclass
+class Batch:
+    task: str
+    text: list  # captions / instructions
+    tokens: torch.Tensor  # (B, MAX_TOKENS) long
+    target: torch.Tensor  # (B, 3, H, W)
+    cond: torch.Tensor | None = None  # (B, 4, H, W): pixel-aligned [source or masked image | mask]
+    ref: torch.Tensor | None = None  # (B, 3, H, W): customisation reference (not pixel-aligned)
+    mask: torch.Tensor | None = None  # (B, 1, H, W): what changed / what to fill
+    specs: list = field(default_factory=list)  # target specs
+    sources: list = field(default_factory=list)  # source specs (edits, customize reference)
+
+
+# ----------------------------------------------------------------------------- renderer
+def _box(u, v, half):
+    qx, qy = u.abs() - half, v.abs() - half
+    return torch.sqrt(qx.clamp(min=0) ** 2 + qy.clamp(min=0) ** 2) + torch.maximum(qx, qy).clamp(max=0)
+
+
+def _triangle(dx, dy, r):
+    """Exact signed distance to an equilateral triangle, apex up, circumradius r (after Inigo Quilez)."""
+    k, s = math.sqrt(3), r * math.sqrt(3) / 2  # s: half the side
+    px, py = dx.abs() - s, -dy + s / k
+    flip = px + k * py > 0
+    px, py = torch.where(flip, (px - k * py) / 2, px), torch.where(flip, (-k * px - py) / 2, py)
+    px = px - torch.minimum(torch.zeros_like(px), torch.maximum(px, -2 * s * torch.ones_like(px)))
+    return -torch.sqrt(px * px + py * py) * torch.sign(py)
+
+
+def _sdf(shape_id, dx, dy, r):
+    """Exact signed distance (image units, y down) to a circle / square / triangle / diamond of circumradius r."""
+    circle = torch.sqrt(dx * dx + dy * dy) - r
+    square = _box(dx, dy, r / math.sqrt(2))
+    diamond = _box((dx + dy) / math.sqrt(2), (dy - dx) / math.sqrt(2), r / math.sqrt(2))
+    return torch.where(shape_id == 0, circle, torch.where(shape_id == 1, square,
+                                                          torch.where(shape_id == 2, _triangle(dx, dy, r), diamond)))
+
+
+def _coverage(d, res):
+    return (0.5 - d * res).clamp(0, 1)  # anti-aliased inside-ness of a pixel for a signed distance d
+
+
+def _rgb(name):
+    return COLORS[name] if name in COLORS else BACKGROUNDS[name]
+
+
+def outline_color(scene):
+    return (0., 0., 0.) if scene.sky in LIGHT else (1., 1., 1.)
+
+
+def apply_tone(img01, tone):
+    """img01 (..., 3, H, W) in [0, 1]."""
+    if tone == "gray":
+        lum = 0.299 * img01[..., 0:1, :, :] + 0.587 * img01[..., 1:2, :, :] + 0.114 * img01[..., 2:3, :, :]
+        return lum.expand_as(img01).clone()
+    return img01 * 0.5 if tone == "dark" else img01
+
+
+def render(scenes, res, device="cpu"):
+    """Render Scenes (or Grids) to (B, 3, res, res) in [-1, 1], anti-aliased, all on `device`."""
+    grids = [i for i, s in enumerate(scenes) if isinstance(s, Grid)]
+    if grids:  # grids: render the panels at half resolution and tile them 2x2
+        out = torch.empty(len(scenes), 3, res, res, device=device)
+        half = render([p for i in grids for p in scenes[i].panels], res // 2, device)  # (4G, 3, res/2, res/2)
+        half = half.view(len(grids), 2, 2, 3, res // 2, res // 2).permute(0, 3, 1, 4, 2, 5)
+        out[grids] = half.reshape(len(grids), 3, res, res)
+        rest = [i for i in range(len(scenes)) if i not in set(grids)]
+        if rest:
+            out[rest] = render([scenes[i] for i in rest], res, device)
+        return out
+    B, K = len(scenes), max(1, max(len(s.objects) for s in scenes))
+    f = lambda rows: torch.tensor(rows, dtype=torch.float32, device=device)
+    pad = lambda s, v: [v(o) for o in s.objects] + [v(None)] * (K - len(s.objects))
+    geo = f([pad(s, lambda o: (CENTERS[o.cell % 3], CENTERS[o.cell // 3], SIZES[o.size], SHAPES.index(o.shape),
+                                o.line / 32, (PATTERNS.index(o.pattern) + 1) if o.pattern else 0, 1.)
+                     if o else (0, 0, 0, 0, 0, 0, 0.)) for s in scenes])  # (B, K, 7)
+    c1 = f([pad(s, lambda o: _rgb(o.color) if o else (0, 0, 0)) for s in scenes])  # (B, K, 3)
+    c2 = f([pad(s, lambda o: _rgb(o.color2 or o.color) if o else (0, 0, 0)) for s in scenes])
+    line_rgb = f([outline_color(s) for s in scenes])[:, :, None, None]  # (B, 3, 1, 1)
+    sky = f([_rgb(s.sky) for s in scenes])[:, :, None, None]
+    ground = f([_rgb(s.ground) for s in scenes])[:, :, None, None]
+    hor = f([HORIZONS[s.horizon] if s.horizon != "none" else 2. for s in scenes])[:, None, None, None]
+    y = (torch.arange(res, device=device, dtype=torch.float32) + 0.5) / res  # pixel centres
+    Y, X = y[:, None].expand(res, res), y[None, :].expand(res, res)
+    img = torch.lerp(sky, ground, ((Y - hor) * res + 0.5).clamp(0, 1)).expand(B, 3, res, res)  # (B, 3, H, W)
+    g = geo[:, :, :, None, None]  # (B, K, 7, 1, 1)
+    dx, dy, r = X - g[:, :, 0], Y - g[:, :, 1], g[:, :, 2]  # (B, K, H, W)
+    d = _sdf(g[:, :, 3].long(), dx, dy, r)
+    cover = _coverage(d - g[:, :, 4], res) * g[:, :, 6]  # (B, K, H, W): the outline is drawn outside the shape
+    fill = _coverage(d, res) * g[:, :, 6]
+    pat = g[:, :, 5]
+    alpha2 = torch.where(pat == 1, (0.5 + dx * res).clamp(0, 1),
+                         torch.where(pat == 2, _coverage(dy.abs() - r / 3, res),
+                                     torch.where(pat == 3, _coverage(torch.sqrt(dx * dx + dy * dy) - r / 2, res), 0.)))
+    for k in range(K):  # objects never overlap, but compose in order anyway
+        col = torch.lerp(c1[:, k, :, None, None], c2[:, k, :, None, None], alpha2[:, k, None])  # (B, 3, H, W)
+        cov, fil = cover[:, k, None], fill[:, k, None]
+        img = img * (1 - cov) + line_rgb * (cov - fil) + col * fil
+    tone = torch.tensor([TONES.index(s.tone) for s in scenes], device=device)[:, None, None, None]
+    img = torch.where(tone == 1, apply_tone(img, "gray"), torch.where(tone == 2, img * 0.5, img))
+    return img * 2 - 1
+
+
+# ----------------------------------------------------------------------------- sampling scenes
+def _adjacent(a, b):
+    return abs(a % 3 - b % 3) <= 1 and abs(a // 3 - b // 3) <= 1  # king-move neighbours (or the same cell)
+
+
+def free_cells(objects, exclude=None):
+    return [c for c in range(9) if all(not _adjacent(c, o.cell) for o in objects if o is not exclude)]
+
+
+def _allowed(color, shape, split):
+    return ((color, shape) in HELDOUT) == (split == "heldout") or split == "any"
+
+
+def sample_object(rng, objects, split, cell=None, subject=False):
+    """A new object in a free cell whose (colour, shape) is new to the scene and allowed by the split."""
+    taken = {(o.color, o.shape) for o in objects}
+    while True:
+        shape, color = SHAPES[rng.integers(4)], list(COLORS)[rng.integers(8)]
+        if (color, shape) not in taken and _allowed(color, shape, "train" if split == "heldout" and objects else split):
+            break
+    cell = cell if cell is not None else int(rng.choice(free_cells(objects)))
+    if subject:
+        color2 = list(c for c in COLORS if c != color)[rng.integers(7)]
+        return Obj(shape, color, "large", cell, 0, color2, PATTERNS[rng.integers(3)])
+    return Obj(shape, color, list(SIZES)[rng.integers(2)], cell, int(rng.choice(LINES, p=[.5, .25, .25])))
+
+
+def sample_background(rng, horizon_p=0.5):
+    light = rng.random() < 0.5
+    names = LIGHT if light else tuple(b for b in BACKGROUNDS if b not in LIGHT)
+    if rng.random() < horizon_p:
+        sky, ground = rng.choice(names, 2, replace=False)
+        return dict(sky=str(sky), ground=str(ground), horizon=("high", "middle", "low")[rng.integers(3)])
+    c = str(rng.choice(names))
+    return dict(sky=c, ground=c, horizon="none")
+
+
+def sample_scene(rng, split="train", n_objects=None):
+    """A random scene of 1-3 objects; in the heldout split the first object is a held-out colour-shape pair."""
+    n = n_objects or int(rng.integers(1, 4))
+    while True:
+        objects = []
+        for _ in range(n):
+            if not free_cells(objects):
+                break
+            objects.append(sample_object(rng, objects, split))
+        if len(objects) == n:
+            return Scene(objects, **sample_background(rng))
+
+
+# ----------------------------------------------------------------------------- language
+def _pick(rng, options):
+    return options[rng.integers(len(options))]
+
+
+def describe(o, rng, article="a"):
+    size = _pick(rng, {"small": ("small", "little"), "large": ("large", "big")}[o.size])
+    line = ["", " with a thin outline", " with a thick outline"][o.line]
+    if o.pattern:
+        return f"{article} {o.color} and {o.color2} {o.pattern} {o.shape}"
+    return f"{article} {size} {o.color} {o.shape}{line} {_pick(rng, ('in', 'at'))} the {CELLS[o.cell]}"
+
+
+def describe_background(s, rng, prefix=False):
+    if s.horizon == "none":
+        return f"{s.sky} background ," if prefix else _pick(rng, (f"on a {s.sky} background", f", {s.sky} background"))
+    if prefix:
+        return f"{s.horizon} horizon , {s.sky} sky , {s.ground} ground ,"
+    return _pick(rng, (f", {s.sky} sky and {s.ground} ground , {s.horizon} horizon",
+                       f"with a {s.horizon} horizon , {s.sky} sky , {s.ground} ground"))
+
+
+def caption(s, rng):
+    if isinstance(s, Grid):
+        subj = s.panels[0].objects[0]
+        return f"a grid of four images of the same {describe(subj, rng, '').strip()}"
+    objs = " and ".join(describe(o, rng) for o in s.objects)
+    return _pick(rng, (f"{objs} {describe_background(s, rng)}", f"{describe_background(s, rng, prefix=True)} {objs}"))
+
+
+WORDS = """a the in at on and with of to , outline thin thick background sky ground horizon grid four images same
+make turn change recolor remove delete take away add put move swap exchange shift hues rotate colors invert image
+it grayscale darken darker mirror flip horizontally black white this object is are there does do have shape shapes
+outlines one two three all warm cool bigger smaller than these no ?""".split()
+VOCAB = tuple(dict.fromkeys(["<pad>"] + WORDS + list(SHAPES) + list(COLORS) + list(BACKGROUNDS) + list(HORIZONS)
+                            + ["small", "little", "large", "big"] + list(PATTERNS) + " ".join(CELLS).split()))
+WORD_ID = {w: i for i, w in enumerate(VOCAB)}
+MAX_TOKENS = 48
+
+
+def tokenize(texts, max_len=MAX_TOKENS):
+    """Captions -> (B, max_len) word ids, 0-padded. Unknown words are an error that names them."""
+    out = torch.zeros(len(texts), max_len, dtype=torch.long)
+    for i, text in enumerate(texts):
+        words = text.lower().replace(",", " , ").split()
+        unknown = [w for w in words if w not in WORD_ID]
+        if unknown:
+            raise ValueError(f"unknown word {unknown[0]!r} in {text!r} (the vocabulary is data.VOCAB)")
+        if len(words) > max_len:
+            raise ValueError(f"caption of {len(words)} words is longer than {max_len}: {text!r}")
+        out[i, :len(words)] = torch.tensor([WORD_ID[w] for w in words], dtype=torch.long)
+    return out
+
+
+# ----------------------------------------------------------------------------- task pairs
+def _ref(o):
+    return f"the {o.color} {o.shape}"
+
+
+def _valid(scene, split):
+    pairs = [(o.color, o.shape) for o in scene.objects]
+    return len(set(pairs)) == len(pairs) and (split == "heldout" or all(_allowed(c, s, split) for c, s in pairs))
+
+
+def local_edit(rng, split):
+    """Recolour, remove, add or move one object. Returns (instruction, source, target)."""
+    while True:
+        src = sample_scene(rng, split)
+        i = int(rng.integers(len(src.objects)))
+        o, rest = src.objects[i], src.objects[:i] + src.objects[i + 1:]
+        kind = ("recolor", "remove", "add", "move")[rng.integers(4)]
+        if kind == "recolor":
+            new = list(c for c in COLORS if c != o.color)[rng.integers(7)]
+            tgt = replace(src, objects=rest[:i] + [replace(o, color=new)] + rest[i:])
+            text = _pick(rng, (f"make {_ref(o)} {new}", f"turn {_ref(o)} {new}", f"change {_ref(o)} to {new}",
+                               f"recolor {_ref(o)} {new}"))
+        elif kind == "remove" and rest:
+            tgt, text = replace(src, objects=rest), _pick(rng, (f"remove {_ref(o)}", f"delete {_ref(o)}",
+                                                                f"take away {_ref(o)}"))
+        elif kind == "add" and free_cells(src.objects):
+            new = sample_object(rng, src.objects, "train" if split == "heldout" else split)
+            tgt, text = replace(src, objects=src.objects + [new]), f"{_pick(rng, ('add', 'put'))} {describe(new, rng)}"
+        elif kind == "move" and [c for c in free_cells(src.objects, exclude=o) if c != o.cell]:
+            cell = int(rng.choice([c for c in free_cells(src.objects, exclude=o) if c != o.cell]))
+            tgt = replace(src, objects=rest[:i] + [replace(o, cell=cell)] + rest[i:])
+            text = f"move {_ref(o)} to the {CELLS[cell]}"
+        else:
+            continue
+        if _valid(tgt, split):
+            return text, src, tgt
+
+
+def _luma(name):
+    r, g, b = _rgb(name)
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def _shift(color, steps):
+    return list(COLORS)[(list(COLORS).index(color) + steps) % 8]
+
+
+INVERT_BG = {"white": "black", "silver": "gray", "sand": "navy", "black": "white", "gray": "silver", "navy": "sand"}
+
+
+def global_edit(rng, split):
+    """An edit of the whole image. Returns (instruction, source, target)."""
+    while True:
+        src = sample_scene(rng, split)
+        kind = ("background", "swap", "hue", "invert", "grayscale", "darken", "mirror")[rng.integers(7)]
+        objs = src.objects
+        if kind == "background" and src.horizon == "none":
+            new = [b for b in BACKGROUNDS if b != src.sky][rng.integers(5)]
+            tgt = replace(src, sky=new, ground=new)
+            text = _pick(rng, (f"make the background {new}", f"change the background to {new}"))
+        elif kind == "background":  # with a horizon: recolour the sky or the ground within the same light/dark class
+            part = ("sky", "ground")[rng.integers(2)]
+            klass = LIGHT if src.sky in LIGHT else tuple(b for b in BACKGROUNDS if b not in LIGHT)
+            new = [b for b in klass if b not in (src.sky, src.ground)][0]
+            tgt = replace(src, **{part: new})
+            text = _pick(rng, (f"make the {part} {new}", f"change the {part} to {new}"))
+        elif kind == "swap":
+            a = objs[rng.integers(len(objs))].color
+            b = [c for c in COLORS if c != a][rng.integers(7)]
+            swap = {a: b, b: a}
+            tgt = replace(src, objects=[replace(o, color=swap.get(o.color, o.color)) for o in objs])
+            text = _pick(rng, (f"swap {a} and {b}", f"exchange {a} and {b}"))
+        elif kind == "hue":
+            tgt = replace(src, objects=[replace(o, color=_shift(o.color, 2)) for o in objs])
+            text = _pick(rng, ("shift the hues", "rotate the colors"))
+        elif kind == "invert":
+            tgt = replace(src, objects=[replace(o, color=_shift(o.color, 4)) for o in objs],
+                          sky=INVERT_BG[src.sky], ground=INVERT_BG[src.ground])
+            text = _pick(rng, ("invert the colors", "invert the image"))
+        elif kind == "grayscale":
+            # only scenes whose objects stay visible in gray (luma contrast with sky and ground)
+            if any(o.line or abs(_luma(o.color) - _luma(bg)) < 0.15 for o in objs for bg in (src.sky, src.ground)):
+                continue  # outlines, or an object that would vanish into the background in gray
+            tgt = replace(src, tone="gray")
+            text = _pick(rng, ("make it grayscale", "make the image black and white"))
+        elif kind == "darken":
+            tgt, text = replace(src, tone="dark"), _pick(rng, ("darken the image", "make it darker"))
+        else:
+            if all(o.cell % 3 == 1 for o in objs):
+                continue  # mirroring would change nothing
+            tgt = replace(src, objects=[replace(o, cell=o.cell // 3 * 3 + 2 - o.cell % 3) for o in objs])
+            text = _pick(rng, ("mirror the image", "flip the image horizontally"))
+        if _valid(tgt, split):
+            return text, src, tgt
+
+
+def _disc(res, cx, cy, r):
+    y = (np.arange(res) + 0.5) / res
+    return ((y[None, :] - cx) ** 2 + (y[:, None] - cy) ** 2 <= r * r).astype(np.float32)
+
+
+def inpaint_mask(rng, scene, res):
+    """A box or brush hole over one of the objects (so the hole has content to restore)."""
+    o = scene.objects[rng.integers(len(scene.objects))]
+    cx, cy, r = CENTERS[o.cell % 3], CENTERS[o.cell // 3], SIZES[o.size]
+    if rng.random() < 0.5:  # box around the object with random margins
+        x0, y0 = cx - r - rng.uniform(.02, .1), cy - r - rng.uniform(.02, .1)
+        x1, y1 = cx + r + rng.uniform(.02, .1), cy + r + rng.uniform(.02, .1)
+        y = (np.arange(res) + 0.5) / res
+        return ((y[None, :] >= x0) & (y[None, :] <= x1) & (y[:, None] >= y0) & (y[:, None] <= y1)).astype(np.float32)
+    m = np.zeros((res, res), np.float32)  # brush: a random walk of discs starting on the object
+    for _ in range(int(rng.integers(4, 8))):
+        m = np.maximum(m, _disc(res, cx, cy, rng.uniform(.1, .16)))
+        cx, cy = np.clip(cx + rng.uniform(-.12, .12), 0, 1), np.clip(cy + rng.uniform(-.12, .12), 0, 1)
+    return m
+
+
+def outpaint_mask(rng, res):
+    """A border hole: one side, or the ring outside a central square."""
+    y = (np.arange(res) + 0.5) / res
+    X, Y, a = y[None, :].repeat(res, 0), y[:, None].repeat(res, 1), rng.uniform(.3, .45)
+    side = rng.integers(5)
+    m = [X < a, X > 1 - a, Y < a, Y > 1 - a, np.maximum(abs(X - .5), abs(Y - .5)) > a / 1.5][side]
+    return m.astype(np.float32)
+
+
+def customize(rng, split):
+    """Reference: a subject alone on a plain background; target: the same subject in a new context."""
+    subj = sample_object(rng, [], split, cell=4, subject=True)
+    ref = Scene([subj], **sample_background(rng, horizon_p=0))
+    while True:
+        tgt = Scene([replace(subj, cell=int(rng.integers(9)))], **sample_background(rng))
+        if tgt.objects[0].cell != 4 or tgt.sky != ref.sky or tgt.horizon != "none":
+            break
+    o = tgt.objects[0]
+    text = f"this object {_pick(rng, ('in', 'at'))} the {CELLS[o.cell]} {describe_background(tgt, rng)}"
+    return text, ref, tgt
+
+
+def perturb_subject(rng, o, split="train"):
+    """The same subject with one identity attribute changed (an inconsistent grid panel)."""
+    while True:
+        what = ("shape", "color", "color2", "pattern")[rng.integers(4)]
+        if what == "shape":
+            new = replace(o, shape=[s for s in SHAPES if s != o.shape][rng.integers(3)])
+        elif what == "pattern":
+            new = replace(o, pattern=[p for p in PATTERNS if p != o.pattern][rng.integers(2)])
+        else:
+            new = replace(o, **{what: [c for c in COLORS if c not in (o.color, o.color2)][rng.integers(6)]})
+        if _allowed(new.color, new.shape, "train" if split == "heldout" else split):
+            return new
+
+
+def grid(rng, split, inconsistency):
+    subj = sample_object(rng, [], split, cell=4, subject=True)
+    panels = []
+    for k in range(4):
+        o = perturb_subject(rng, subj, split) if k > 0 and rng.random() < inconsistency else subj
+        panels.append(Scene([replace(o, cell=int(rng.integers(9)))], **sample_background(rng)))
+    return Grid(panels)
+
+
+SPLITS = ("train", "test", "heldout")
+
+
+def make_batch(task, n, res, device="cpu", seed=0, split="train", grid_rate=0.0, grid_inconsistency=0.25):
+    """One batch of `task`, deterministic in (seed, split, task), built straight into tensors on `device`."""
+    if task not in TASKS or split not in SPLITS:
+        raise ValueError(f"unknown task {task!r} or split {split!r}: tasks are {TASKS}, splits {SPLITS}")
+    rng = np.random.default_rng([seed, SPLITS.index(split), TASKS.index(task)])
+    texts, sources, targets, masks = [], [], [], []
+    for _ in range(n):
+        src = mask = None
+        if task == "t2i":
+            tgt = grid(rng, split, grid_inconsistency) if rng.random() < grid_rate else sample_scene(rng, split)
+            text = caption(tgt, rng)
+        elif task == "local_edit":
+            text, src, tgt = local_edit(rng, split)
+        elif task == "global_edit":
+            text, src, tgt = global_edit(rng, split)
+        elif task == "customize":
+            text, src, tgt = customize(rng, split)
+        else:
+            tgt = sample_scene(rng, split)
+            text = caption(tgt, rng)
+            mask = inpaint_mask(rng, tgt, res) if task == "inpaint" else outpaint_mask(rng, res)
+        texts.append(text), sources.append(src), targets.append(tgt), masks.append(mask)
+    target = render(targets, res, device)
+    batch = Batch(task, texts, tokenize(texts).to(device), target, specs=targets, sources=sources)
+    if task in ("local_edit", "global_edit"):
+        source = render(sources, res, device)
+        batch.cond = torch.cat([source, torch.zeros_like(source[:, :1])], 1)
+        if task == "local_edit":  # exactly the pixels the edit changed
+            batch.mask = ((source - target).abs().amax(1, keepdim=True) > 0).float()
+    elif task in ("inpaint", "outpaint"):
+        batch.mask = torch.from_numpy(np.stack(masks)[:, None]).to(device)
+        batch.cond = torch.cat([target * (1 - batch.mask), batch.mask], 1)
+    elif task == "customize":
+        batch.ref = render(sources, res, device)
+    return batch
+
+
+# ----------------------------------------------------------------------------- VQA for the judge
+FAMILIES = ("color", "shape", "count", "position", "horizon", "line", "palette", "size", "same")
+
+
+@dataclass
+class VQA:
+    family: str
+    images: torch.Tensor  # (B, 3, H, W)
+    questions: list
+    answers: torch.Tensor  # (B,) bool, exactly half True
+    images2: torch.Tensor | None = None  # (B, 3, H, W): the second image of two-image questions
+    specs: list = field(default_factory=list)
+
+
+def _question(family, rng, yes, split):
+    """One (scene, question[, second scene]) whose true answer is `yes`."""
+    while True:
+        s = sample_scene(rng, split)
+        o = s.objects[rng.integers(len(s.objects))]
+        other = lambda options, v: [x for x in options if x != v][rng.integers(len(options) - 1)]
+        if family == "color":
+            return s, f"is the shape at the {CELLS[o.cell]} {o.color if yes else other(list(COLORS), o.color)} ?"
+        if family == "shape":
+            return s, f"is there a {o.shape if yes else other(SHAPES, o.shape)} at the {CELLS[o.cell]} ?"
+        if family == "count":
+            n = len(s.objects) if yes else other((1, 2, 3), len(s.objects))
+            return s, f"are there {('one', 'two', 'three')[n - 1]} shape{'s' if n > 1 else ''} ?"
+        if family == "position":
+            return s, f"is the {o.color} {o.shape} at the {CELLS[o.cell if yes else other(range(9), o.cell)]} ?"
+        if family == "horizon":
+            if rng.random() < 0.3:
+                return s, "is there a horizon ?" if yes == (s.horizon != "none") else None
+            if s.horizon != "none":
+                return s, f"is the horizon {s.horizon if yes else other(('high', 'middle', 'low'), s.horizon)} ?"
+        if family == "line":
+            weight = o.line if yes else other(LINES, o.line)
+            desc = ("no outline", "a thin outline", "a thick outline")[weight]
+            return s, f"does the {o.color} {o.shape} have {desc} ?"
+        if family == "palette":
+            kind, members = (("warm", WARM), ("cool", COOL))[rng.integers(2)]
+            if all(x.color in members for x in s.objects) == yes:
+                return s, f"are all the shapes {kind} colors ?"
+        if family == "size" and len({x.size for x in s.objects}) == 2:
+            a, b = [x for x in s.objects if x.size == "large"][0], [x for x in s.objects if x.size == "small"][0]
+            a, b = (a, b) if rng.random() < 0.5 else (b, a)
+            word = "bigger" if (a.size == "large") == yes else "smaller"
+            return s, f"is the {a.color} {a.shape} {word} than the {b.color} {b.shape} ?"
+        if family == "same":
+            subj = sample_object(rng, [], split, cell=4, subject=True)
+            ref = Scene([subj], **sample_background(rng, horizon_p=0))
+            o2 = subj if yes else perturb_subject(rng, subj, split)
+            return ref, "are these the same object ?", Scene([replace(o2, cell=int(rng.integers(9)))],
+                                                             **sample_background(rng))
+
+
+def vqa_batch(family, n, res, device="cpu", seed=0, split="train"):
+    """Yes/no questions of one family with exact answers, balanced: the first half yes, the rest no (shuffled)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown question family {family!r}: one of {FAMILIES}")
+    rng = np.random.default_rng([seed, SPLITS.index(split), 100 + FAMILIES.index(family)])
+    answers = rng.permutation(np.arange(n) < n // 2 + (n % 2) * int(rng.integers(2)))
+    items = []
+    for yes in answers:
+        item = None
+        while item is None or item[1] is None:
+            item = _question(family, rng, bool(yes), split)
+        items.append(item)
+    out = VQA(family, render([it[0] for it in items], res, device), [it[1] for it in items],
+              torch.tensor(answers, device=device), specs=[it[0] for it in items])
+    if family == "same":
+        out.images2 = render([it[2] for it in items], res, device)
+    return out
+
+
+# ----------------------------------------------------------------------------- images on disk and manifests
+def to_pil(img):
+    """(3, H, W) in [-1, 1] -> PIL RGB."""
+    return Image.fromarray(((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+                           .permute(1, 2, 0).numpy())
+
+
+def load_image(path, res, mask=False):
+    """A PNG/JPEG file -> (3, res, res) in [-1, 1], or (1, res, res) in {0, 1} for a mask. Wrong sizes are errors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing image file: {path}")
+    im = Image.open(path)
+    if im.size != (res, res):
+        raise ValueError(f"image {path} is {im.size[0]}x{im.size[1]}, expected {res}x{res}")
+    if mask:
+        return torch.from_numpy((np.asarray(im.convert("L")) > 127).astype(np.float32))[None]
+    return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+
+
+MANIFEST_COLUMNS = ("task", "prompt", "source_image", "target_image", "mask")
+NEEDS = {"t2i": (), "local_edit": ("source_image",), "global_edit": ("source_image",), "inpaint": ("mask",),
+         "outpaint": ("mask",), "customize": ("source_image",)}  # customize: source_image is the reference
+
+
+def load_manifest(path, res):
+    """Read a JSONL or CSV manifest of your own pairs (paths relative to the manifest) into validated examples.
+
+    Each row: task, prompt, target_image, and source_image / mask where the task needs them. Every bad row is
+    reported by number in one error. Returns a list of dicts with 'task', 'text' and tensors.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing manifest: {path}")
+    with open(path, newline="") as f:
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) if line.strip() else {} for line in f]
+        elif path.endswith(".csv"):
+            rows = [{k: v for k, v in r.items() if v} for r in csv.DictReader(f)]
+        else:
+            raise ValueError(f"manifest {path} must be .jsonl or .csv")
+    root, examples, errors = os.path.dirname(os.path.abspath(path)), [], []
+    for i, row in enumerate(rows, 1):
+        try:
+            if not row:
+                raise ValueError("empty row")
+            if None in row:
+                raise ValueError("more fields than the header has (quote prompts that contain commas)")
+            unknown = set(row) - set(MANIFEST_COLUMNS)
+            if unknown:
+                raise ValueError(f"unknown column {sorted(unknown)[0]!r} (columns: {', '.join(MANIFEST_COLUMNS)})")
+            task = row.get("task")
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+            missing = [c for c in ("prompt", "target_image") + NEEDS[task] if not row.get(c)]
+            if missing:
+                raise ValueError(f"missing {missing[0]} for task {task}")
+            tokenize([row["prompt"]])
+            ex = dict(task=task, text=row["prompt"], target=load_image(os.path.join(root, row["target_image"]), res))
+            for col in ("source_image", "mask"):
+                if row.get(col):
+                    ex[col] = load_image(os.path.join(root, row[col]), res, mask=col == "mask")
+            examples.append(ex)
+        except (ValueError, FileNotFoundError) as e:
+            errors.append(f"row {i}: {e}")
+    if errors:
+        raise ValueError(f"{path}: {len(errors)} bad row(s):\n  " + "\n  ".join(errors))
+    if not examples:
+        raise ValueError(f"{path}: no rows")
+    return examples
+
+
+def collate(examples, device="cpu"):
+    """Manifest examples of one task -> a Batch shaped exactly like make_batch's."""
+    task = examples[0]["task"]
+    if any(e["task"] != task for e in examples):
+        raise ValueError("a batch holds one task; group manifest rows by task first")
+    st = lambda key: torch.stack([e[key] for e in examples]).to(device)
+    b = Batch(task, [e["text"] for e in examples], tokenize([e["text"] for e in examples]).to(device), st("target"),
+              specs=[None] * len(examples), sources=[None] * len(examples))
+    if task in ("local_edit", "global_edit"):
+        b.cond = torch.cat([st("source_image"), torch.zeros_like(b.target[:, :1])], 1)
+    elif task in ("inpaint", "outpaint"):
+        b.mask = st("mask")
+        b.cond = torch.cat([b.target * (1 - b.mask), b.mask], 1)
+    elif task == "customize":
+        b.ref = st("source_image")
+    return b
+
+
+# ----------------------------------------------------------------------------- python data.py
+def preview(path="results/data_preview.png"):
+    """Four examples of every task at 64 px, one row per task; each example is input | target | mask."""
+    tiles = []
+    for task in TASKS:
+        b = make_batch(task, 4, 64, seed=0, split="test")
+        cond = b.cond[:, :3] if b.cond is not None else b.ref if b.ref is not None else torch.zeros_like(b.target)
+        mask = (b.mask if b.mask is not None else torch.zeros_like(b.target[:, :1])) * 2 - 1
+        tiles.append(torch.cat([torch.cat([c, t, m.expand_as(t)], 2) for c, t, m in zip(cond, b.target, mask)], 2))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    to_pil(torch.cat(tiles, 1)).save(path)
+    print(f"wrote {path} (rows: {', '.join(TASKS)}; each example: input | target | mask)")
+
+
+def throughput(resolutions=(32, 64), n=256):
+    """make_batch images/s per task, on the CPU and on CUDA when there is one."""
+    out = {}
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for res in resolutions:
+            for task in TASKS:
+                make_batch(task, 8, res, dev)  # warm-up
+                t0 = time.perf_counter()
+                make_batch(task, n, res, dev, seed=3)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                out[f"{dev} {res}px {task}"] = ips = n / (time.perf_counter() - t0)
+                print(f"make_batch {dev} {res}px {task:12s} {ips:8.0f} images/s (batch {n})")
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:]:
+        raise SystemExit(f"data.py takes no arguments (got {' '.join(sys.argv[1:])})")
+    import scorer  # imported here: scorer.py builds on this file
+    preview()
+    rows = dict(scorer=scorer.accuracy_report(), throughput=throughput())
+    with open("results/data.json", "w") as f:
+        json.dump(rows, f, indent=1)
+    print("wrote results/data.json")

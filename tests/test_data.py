@@ -1,0 +1,181 @@
+"""The world and its exact scorer (data.py, scorer.py): determinism, exactness, tolerance, refusal, splits, I/O."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import scorer
+
+
+def test_renders_are_deterministic_per_seed():
+    for task in data.TASKS:
+        a, b = data.make_batch(task, 8, 32, seed=5), data.make_batch(task, 8, 32, seed=5)
+        c = data.make_batch(task, 8, 32, seed=6)
+        assert torch.equal(a.target, b.target) and a.text == b.text
+        assert not torch.equal(a.target, c.target)
+
+
+def test_render_range_and_resolutions():
+    for res in (32, 64, 48):
+        x = data.make_batch("t2i", 4, res, grid_rate=0.5).target
+        assert x.shape == (4, 3, res, res) and x.min() >= -1 and x.max() <= 1
+
+
+@pytest.mark.parametrize("res", [32, 64])
+def test_scorer_round_trips_clean_renders(res):
+    b = data.make_batch("t2i", 60, res, seed=11, split="test")
+    means, _ = scorer.score("t2i", b.target, b)
+    assert all(means[k] >= 0.99 for k in scorer.OBJECT_ATTRS + ("count", "sky", "ground", "horizon")), means
+    for task in ("local_edit", "global_edit", "inpaint", "outpaint", "customize"):
+        b = data.make_batch(task, 30, res, seed=11, split="test")
+        assert scorer.score(task, b.target, b)[0]["success"] >= 0.97, task
+
+
+def test_scorer_tolerates_degraded_renders():
+    b = data.make_batch("t2i", 80, 32, seed=12, split="test")
+    x = scorer.degrade(b.target, sigma=1.0, noise=0.05, generator=torch.Generator().manual_seed(0))
+    means, _ = scorer.score("t2i", x, b)
+    assert all(means[k] >= 0.9 for k in scorer.OBJECT_ATTRS + ("count", "sky", "ground", "horizon")), means
+
+
+def test_scorer_rejects_wrong_specs():
+    b, rng = data.make_batch("t2i", 80, 32, seed=13, split="test"), np.random.default_rng(0)
+    passes = [scorer.compare(scorer.parse(x), scorer.perturb(s, rng))["full"] for x, s in zip(b.target, b.specs)]
+    assert np.mean(passes) <= 0.02
+
+
+def test_scorer_fails_a_wrong_image():
+    b = data.make_batch("t2i", 20, 32, seed=14)
+    assert scorer.score("t2i", torch.zeros_like(b.target), b)[0]["full"] == 0  # a blank gray image
+    assert scorer.score("t2i", b.target.roll(1, 0), b)[0]["full"] <= 0.05  # someone else's image
+
+
+def test_masks_mark_exactly_what_differs():
+    b = data.make_batch("local_edit", 40, 32, seed=15)
+    source = b.cond[:, :3]
+    changed = (source - b.target).abs().amax(1, keepdim=True) > 0
+    assert torch.equal(changed.float(), b.mask) and (b.mask.sum((1, 2, 3)) > 0).all()
+    for task in ("inpaint", "outpaint"):
+        b = data.make_batch(task, 40, 32, seed=15)
+        hole = b.mask.bool().expand_as(b.target)
+        assert torch.equal(b.cond[:, 3:], b.mask) and (b.mask.sum((1, 2, 3)) > 0).all()
+        assert torch.equal(b.cond[:, :3][~hole], b.target[~hole])  # the condition is the target outside the hole
+        assert (b.cond[:, :3][hole] == 0).all()
+
+
+def test_heldout_pairs_never_in_training_split():
+    def pairs(spec):
+        if spec is None:
+            return set()
+        scenes = spec.panels if isinstance(spec, data.Grid) else [spec]
+        return {(o.color, o.shape) for s in scenes for o in s.objects}
+    for task in data.TASKS:
+        b = data.make_batch(task, 200, 32, seed=16, split="train", grid_rate=0.3)
+        assert not any(pairs(s) & data.HELDOUT for s in b.specs + b.sources), task
+    b = data.make_batch("t2i", 50, 32, seed=16, split="heldout")
+    assert all(pairs(s) & data.HELDOUT for s in b.specs)
+
+
+def test_every_text_fits_the_vocabulary():
+    for task in data.TASKS:
+        b = data.make_batch(task, 200, 32, seed=17, grid_rate=0.2)
+        assert b.tokens.shape == (200, data.MAX_TOKENS) and (b.tokens[:, 0] > 0).all()
+    for family in data.FAMILIES:
+        data.tokenize(data.vqa_batch(family, 40, 32).questions)
+
+
+def test_unknown_word_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown word 'teal'"):
+        data.tokenize(["a small teal circle"])
+
+
+def test_global_edits_do_what_they_say():
+    b = data.make_batch("global_edit", 120, 32, seed=18)
+    for text, src, tgt, x in zip(b.text, b.sources, b.specs, b.target):
+        if "grayscale" in text or "black and white" in text:
+            assert tgt.tone == "gray" and torch.allclose(x[0], x[1]) and torch.allclose(x[1], x[2])
+        if "mirror" in text or "flip" in text:
+            assert sorted(o.cell % 3 for o in tgt.objects) == sorted(2 - o.cell % 3 for o in src.objects)
+        if "invert" in text:
+            assert data.INVERT_BG[src.sky] == tgt.sky
+
+
+def test_vqa_is_balanced_and_answers_are_true():
+    for family in data.FAMILIES:
+        v = data.vqa_batch(family, 40, 32, seed=19)
+        assert v.answers.sum() == 20
+    v = data.vqa_batch("count", 40, 32, seed=19)  # check the answers against the scorer's own reading
+    for x, q, a in zip(v.images, v.questions, v.answers):
+        n = ("one", "two", "three").index(q.split()[2]) + 1
+        assert (len(scorer.parse(x).objects) == n) == bool(a)
+    v = data.vqa_batch("same", 20, 32, seed=19)
+    for x, y, a in zip(v.images, v.images2, v.answers):
+        same = scorer.parse(x, subjects=True).objects[0].subject() == scorer.parse(y, subjects=True).objects[0].subject()
+        assert same == bool(a)
+
+
+def test_customize_copy_paste_gets_no_debiased_credit():
+    b = data.make_batch("customize", 30, 32, seed=20)
+    copy, _ = scorer.score("customize", b.ref, b)  # output = the reference itself
+    right, _ = scorer.score("customize", b.target, b)
+    assert copy["concept"] >= 0.97 and copy["concept_debiased"] == 0 and copy["prompt"] <= 0.1
+    assert right["concept_debiased"] >= 0.97 and right["concept_x_prompt"] >= 0.97
+
+
+def test_seam_error_and_psnr_see_a_bad_fill():
+    b = data.make_batch("inpaint", 20, 32, seed=21)
+    good, _ = scorer.score("inpaint", b.target, b)
+    flat = b.target * (1 - b.mask) + b.mask * b.target.mean((2, 3), keepdim=True)  # fill the hole with a flat colour
+    bad, _ = scorer.score("inpaint", flat, b)
+    assert good["seam_error"] == 0 and bad["seam_error"] > 0.02 and bad["success"] < good["success"]
+
+
+def _write_folder(tmp_path, fmt):
+    b = data.make_batch("inpaint", 3, 32, seed=22)
+    e = data.make_batch("local_edit", 2, 32, seed=22)
+    rows = []
+    for i in range(3):
+        data.to_pil(b.target[i]).save(tmp_path / f"t{i}.png")
+        data.to_pil(b.mask[i].expand(3, -1, -1) * 2 - 1).save(tmp_path / f"m{i}.png")
+        rows.append(dict(task="inpaint", prompt=b.text[i], target_image=f"t{i}.png", mask=f"m{i}.png"))
+    for i in range(2):
+        data.to_pil(e.cond[i, :3]).save(tmp_path / f"s{i}.png")
+        data.to_pil(e.target[i]).save(tmp_path / f"e{i}.png")
+        rows.append(dict(task="local_edit", prompt=e.text[i], source_image=f"s{i}.png", target_image=f"e{i}.png"))
+    path = tmp_path / f"manifest.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=data.MANIFEST_COLUMNS)
+            w.writeheader(), w.writerows(rows)
+    return path, b, e
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_manifest_round_trip(tmp_path, fmt):
+    path, b, e = _write_folder(tmp_path, fmt)
+    ex = data.load_manifest(str(path), 32)
+    inp = data.collate([x for x in ex if x["task"] == "inpaint"])
+    edit = data.collate([x for x in ex if x["task"] == "local_edit"])
+    assert inp.text == b.text and torch.equal(inp.mask, b.mask)
+    assert (inp.target - b.target).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit PNG round trip
+    assert (edit.cond - e.cond).abs().max() <= 1 / 127.5 + 1e-6 and edit.tokens.shape == e.tokens.shape
+
+
+def test_manifest_bad_rows_are_named(tmp_path):
+    path, _, _ = _write_folder(tmp_path, "jsonl")
+    lines = path.read_text().splitlines()
+    lines[1] = ""  # an empty row
+    lines[2] = lines[2].replace("t2.png", "nope.png")  # a missing file
+    lines.append(json.dumps(dict(task="t2i", prompt="a small teal circle", target_image="t0.png")))
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as err:
+        data.load_manifest(str(path), 32)
+    msg = str(err.value)
+    assert "row 2: empty row" in msg and "row 3: missing image file" in msg and "row 6: unknown word 'teal'" in msg
+    with pytest.raises(ValueError, match="is 32x32, expected 64x64"):
+        data.load_manifest(str(path.with_name("manifest.jsonl")).replace("manifest", "manifest"), 64)
