@@ -1,0 +1,88 @@
+"""The flow ODE shared by every script, and (soon) the CLI that writes PNG grids from any checkpoint.
+
+Rectified flow / flow matching (Liu et al. 2022, "Flow Straight and Fast"; Lipman et al. 2023), in the one time
+convention of this project (METHODS.md): t=0 is data, t=1 is noise,
+
+    x_t = (1 - t) x0 + t eps,    v = eps - x0,    x0_hat = x_t - t v,
+
+and sampling integrates dx/dt = v from t=1 to t=0 with Euler steps x <- x + (t_next - t) v (Liu et al. 2022,
+section 2.1: the straight paths make a coarse Euler discretisation accurate). Time steps are uniform in t,
+optionally warped by the SD3 shift t' = s t / (1 + (s - 1) t) (Esser et al. 2024, "Scaling Rectified Flow
+Transformers", section 5.3.2), which spends more steps at high noise for s > 1. Classifier-free guidance
+(Ho & Salimans 2022) is text-only here: the unconditional call keeps task, pixel-aligned condition and reference
+and replaces the caption by all pads.
+
+`cond` is always a dict of model keyword arguments: dict(task=(B,) long, tokens=(B, L) long,
+cond=(B, 4, H, W) or None, ref=(B, 3, H, W) or None).
+"""
+import torch
+
+
+def interpolate(x0, eps, t):
+    """x_t = (1 - t) x0 + t eps for t (B,) or a scalar."""
+    t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device).reshape(-1, *[1] * (x0.ndim - 1))
+    return (1 - t) * x0 + t * eps
+
+
+def velocity_target(x0, eps):
+    """The flow-matching regression target: d x_t / dt = eps - x0."""
+    return eps - x0
+
+
+def x0_from_v(x_t, t, v):
+    """One-step estimate of the clean image from any state: x0_hat = x_t - t v."""
+    t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).reshape(-1, *[1] * (x_t.ndim - 1))
+    return x_t - t * v
+
+
+def timesteps(n, shift=1.0, device=None):
+    """(n + 1,) times from 1 to 0, uniform then warped by the SD3 shift t' = s t / (1 + (s - 1) t)."""
+    t = torch.linspace(1.0, 0.0, n + 1, device=device)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def guided_velocity(model, x, t, cond: dict, cfg_scale=1.0, empty_tokens=None):
+    """v_uncond + cfg_scale (v_cond - v_uncond), with both halves in one batched model call.
+
+    t: (B,) or a scalar. empty_tokens: the caption of the unconditional half, default all pads (zeros)."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    if cfg_scale == 1.0:
+        return model(x, t, **cond)
+    uncond = dict(cond, tokens=torch.zeros_like(cond["tokens"]) if empty_tokens is None else empty_tokens)
+    both = {k: None if v is None else torch.cat([v, uncond[k]]) for k, v in cond.items()}
+    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+    return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def euler(model, noise, cond: dict, steps, cfg_scale=1.0, shift=1.0, start=0, stop=None):
+    """Deterministic Euler sampling of the flow ODE from t=1 (noise) to t=0; returns x0 (B, 3, H, W).
+
+    start / stop run only steps start..stop-1 of the `steps`-step grid: `noise` is then the state at
+    timesteps(steps)[start] and the result the state at timesteps(steps)[stop] (partial denoising, as
+    Dual-Process and ByteEdit need). No gradient: callers take their one grad step with guided_velocity."""
+    ts = timesteps(steps, shift, noise.device)
+    x = noise
+    for i in range(start, steps if stop is None else stop):
+        v = guided_velocity(model, x, ts[i], cond, cfg_scale)
+        x = x + (ts[i + 1] - ts[i]) * v                      # Euler step, Liu et al. 2022
+    return x
+
+
+@torch.no_grad()
+def rollout(model, noise, cond: dict, steps, cfg_scale=1.0, shift=1.0):
+    """Euler sampling that keeps its trajectory, for on-policy methods (DanceOPD step 3).
+
+    Returns states (steps, B, ...) with states[i] the state at ts[i] BEFORE step i (states[0] = noise),
+    ts (steps + 1,), and the final state x0 (B, ...). Everything is detached."""
+    ts = timesteps(steps, shift, noise.device)
+    x, states = noise, []
+    for i in range(steps):
+        states.append(x)
+        v = guided_velocity(model, x, ts[i], cond, cfg_scale)
+        x = x + (ts[i + 1] - ts[i]) * v
+    return torch.stack(states), ts, x
+
+
+if __name__ == "__main__":
+    raise SystemExit("CLI: coming with train.py")
