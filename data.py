@@ -455,8 +455,10 @@ def grid(rng, split, inconsistency):
 SPLITS = ("train", "test", "heldout")
 
 
-def make_batch(task, n, res, device="cpu", seed=0, split="train", grid_rate=0.0, grid_inconsistency=0.25):
-    """One batch of `task`, deterministic in (seed, split, task), built straight into tensors on `device`."""
+def make_batch(task, n, res, device="cpu", seed=0, split="train", grid_rate=0.0, grid_inconsistency=0.25,
+               n_objects=None):
+    """One batch of `task`, deterministic in (seed, split, task), built straight into tensors on `device`.
+    n_objects fixes the object count of t2i / inpaint / outpaint scenes (default: 1-3)."""
     if task not in TASKS or split not in SPLITS:
         raise ValueError(f"unknown task {task!r} or split {split!r}: tasks are {TASKS}, splits {SPLITS}")
     rng = np.random.default_rng([seed, SPLITS.index(split), TASKS.index(task)])
@@ -464,7 +466,8 @@ def make_batch(task, n, res, device="cpu", seed=0, split="train", grid_rate=0.0,
     for _ in range(n):
         src = mask = None
         if task == "t2i":
-            tgt = grid(rng, split, grid_inconsistency) if rng.random() < grid_rate else sample_scene(rng, split)
+            tgt = grid(rng, split, grid_inconsistency) if rng.random() < grid_rate else \
+                sample_scene(rng, split, n_objects)
             text = caption(tgt, rng)
         elif task == "local_edit":
             text, src, tgt = local_edit(rng, split)
@@ -473,7 +476,7 @@ def make_batch(task, n, res, device="cpu", seed=0, split="train", grid_rate=0.0,
         elif task == "customize":
             text, src, tgt = customize(rng, split)
         else:
-            tgt = sample_scene(rng, split)
+            tgt = sample_scene(rng, split, n_objects)
             text = caption(tgt, rng)
             mask = inpaint_mask(rng, tgt, res) if task == "inpaint" else outpaint_mask(rng, res)
         texts.append(text), sources.append(src), targets.append(tgt), masks.append(mask)

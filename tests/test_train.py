@@ -1,0 +1,81 @@
+"""Training plumbing (train.py): resume is bitwise, DDP equals one process, bad input is a clear error."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset=tiny", "--batch_size=8", "--eval_n=0", "--quiet", "--log_every=1", "--warmup=2"]
+
+
+def run(out, *args):
+    return train.train(train.parse_config(train.Config(), TINY + [f"--out={out}", *args]))
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "loss" in r]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    a = torch.load(run(tmp_path / "a", "--steps=6", "--task=joint"), weights_only=True)
+    run(tmp_path / "b", "--steps=6", "--task=joint", "--stop_at=3")
+    b = torch.load(run(tmp_path / "b", "--steps=6", "--task=joint", "--resume"), weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    sa, sb = a["opt"]["state"], b["opt"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert not os.path.exists(str(tmp_path / "a" / "ckpt.pt") + ".tmp")
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    one = tmp_path / "one"
+    run(one, "--steps=4")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "train.py"), *TINY, "--steps=4", f"--out={tmp_path / 'two'}"]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    l1, l2 = losses(one), losses(tmp_path / "two")
+    assert len(l1) == len(l2) == 4
+    assert all(abs(x - y) < 1e-4 * max(1, abs(x)) for x, y in zip(l1, l2)), (l1, l2)
+    w1 = torch.load(one / "ckpt.pt", weights_only=True)["model"]
+    w2 = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_bad_options_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="unknown option '--lrr=1'"):
+        train.parse_config(train.Config(), ["--lrr=1"])
+    with pytest.raises(SystemExit, match="--steps takes a int"):
+        train.parse_config(train.Config(), ["--steps=many"])
+    with pytest.raises(SystemExit, match="unknown task 'paint'"):
+        run(tmp_path / "x", "--task=paint")
+    with pytest.raises(SystemExit, match="missing checkpoint"):
+        run(tmp_path / "x", "--init_from=nope.pt")
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    ckpt = run(tmp_path / "a", "--steps=1")
+    with pytest.raises(SystemExit, match="another model config"):
+        run(tmp_path / "b", "--steps=1", "--preset=small", f"--init_from={ckpt}")
+    with pytest.raises(SystemExit, match="exists: pass --resume"):
+        run(tmp_path / "a", "--steps=2")  # never overwrite a finished run
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a checkpoint"):
+        train.load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+def test_finetune_starts_from_the_base_and_records_tasks(tmp_path):
+    base = run(tmp_path / "base", "--steps=2")
+    expert = run(tmp_path / "expert", "--steps=1", "--task=local_edit", f"--init_from={base}")
+    model, ckpt = train.load_model(expert)
+    assert ckpt["tasks"] == ["local_edit", "t2i"]
+    b = torch.load(base, weights_only=True)["ema"]
+    moved = [k for k in b if not torch.equal(b[k], ckpt["model"][k])]
+    assert moved and len(moved) < len(b)  # one step moved some weights, the rest came from the base
