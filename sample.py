@@ -1,4 +1,9 @@
-"""The flow ODE shared by every script, and (soon) the CLI that writes PNG grids from any checkpoint.
+"""The flow ODE shared by every script, and the CLI that writes PNG grids from any checkpoint.
+
+    python sample.py --ckpt=out/base/ckpt.pt --prompt="a large red circle in the center on a white background"
+    python sample.py --ckpt=out/local_edit/ckpt.pt --task=local_edit --image=src.png --prompt="make the red circle blue"
+    python sample.py --ckpt=out/inpaint/ckpt.pt --task=inpaint --image=img.png --mask=hole.png --prompt="..."
+
 
 Rectified flow / flow matching (Liu et al. 2022, "Flow Straight and Fast"; Lipman et al. 2023), in the one time
 convention of this project (METHODS.md): t=0 is data, t=1 is noise,
@@ -15,6 +20,9 @@ and replaces the caption by all pads.
 `cond` is always a dict of model keyword arguments: dict(task=(B,) long, tokens=(B, L) long,
 cond=(B, 4, H, W) or None, ref=(B, 3, H, W) or None).
 """
+import os
+from dataclasses import dataclass
+
 import torch
 
 
@@ -84,5 +92,60 @@ def rollout(model, noise, cond: dict, steps, cfg_scale=1.0, shift=1.0):
     return torch.stack(states), ts, x
 
 
+@dataclass
+class Config:
+    ckpt: str = ""                 # checkpoint (any script's; its model config is stored in it)
+    task: str = "t2i"              # t2i | local_edit | global_edit | inpaint | outpaint | customize
+    prompt: str = ""               # caption or instruction, in the world's vocabulary (data.VOCAB)
+    image: str = ""                # source image (edits), image to fill (inpaint/outpaint) or reference (customize)
+    mask: str = ""                 # inpaint/outpaint: white = pixels to generate
+    steps: int = 16                # Euler steps
+    cfg_scale: float = 1.0         # classifier-free guidance on the text
+    shift: float = 1.0             # SD3 timestep shift
+    n: int = 4                     # samples (one row)
+    seed: int = 0                  # noise seed
+    out: str = "samples.png"       # PNG: [condition |] n samples
+    device: str = "auto"           # auto | cpu | cuda
+
+
+def main(cfg):
+    import data
+    from train import load_model  # imported here: train.py imports this file's ODE
+    if cfg.task not in data.TASKS:
+        raise SystemExit(f"unknown task {cfg.task!r}: one of {', '.join(data.TASKS)}")
+    if not cfg.ckpt or not cfg.prompt:
+        raise SystemExit("--ckpt=PATH and --prompt=TEXT are required")
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if cfg.device == "auto" else cfg.device)
+    model, ckpt = load_model(cfg.ckpt, device)
+    if cfg.task not in ckpt.get("tasks", []):
+        raise SystemExit(f"{cfg.ckpt} was trained for {', '.join(ckpt.get('tasks', []))}, not {cfg.task}")
+    res = model.config.image_size
+    need = {"t2i": (), "inpaint": ("image", "mask"), "outpaint": ("image", "mask")}.get(cfg.task, ("image",))
+    missing = [k for k in need if not getattr(cfg, k)]
+    if missing:
+        raise SystemExit(f"--task={cfg.task} needs --{missing[0]}=PATH")
+    try:
+        tokens = data.tokenize([cfg.prompt]).to(device).expand(cfg.n, -1)
+        image = data.load_image(cfg.image, res).to(device)[None].expand(cfg.n, -1, -1, -1) if cfg.image else None
+        mask = data.load_image(cfg.mask, res, mask=True).to(device)[None].expand(cfg.n, -1, -1, -1) \
+            if cfg.mask else None
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
+    cond = dict(task=torch.full((cfg.n,), data.TASKS.index(cfg.task), device=device), tokens=tokens, cond=None,
+                ref=image if cfg.task == "customize" else None)
+    if cfg.task in ("local_edit", "global_edit"):
+        cond["cond"] = torch.cat([image, torch.zeros_like(image[:, :1])], 1)
+    elif mask is not None:
+        cond["cond"] = torch.cat([image * (1 - mask), mask], 1)
+    noise = torch.randn(cfg.n, 3, res, res, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    x = euler(model, noise, cond, cfg.steps, cfg.cfg_scale, cfg.shift).clamp(-1, 1)
+    row = ([image[0]] if image is not None else []) + list(x)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    data.to_pil(torch.cat(row, 2)).save(cfg.out)
+    print(f"wrote {cfg.out}: {'condition, ' if image is not None else ''}{cfg.n} samples of {cfg.task}")
+
+
 if __name__ == "__main__":
-    raise SystemExit("CLI: coming with train.py")
+    from train import parse_config
+    main(parse_config(Config()))

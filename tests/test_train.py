@@ -1,6 +1,7 @@
 """Training plumbing (train.py): resume is bitwise, DDP equals one process, bad input is a clear error."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -38,7 +39,10 @@ def test_ddp_two_processes_match_one(tmp_path):
     one = tmp_path / "one"
     run(one, "--steps=4")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    with socket.socket() as sock:  # a free port: a fixed one may still be held by an earlier run
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            os.path.join(ROOT, "train.py"), *TINY, "--steps=4", f"--out={tmp_path / 'two'}"]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
     l1, l2 = losses(one), losses(tmp_path / "two")

@@ -1,0 +1,111 @@
+"""Score checkpoints with the exact scorer and write the comparison table (markdown + JSON) to results/.
+
+    python evaluate.py --ckpts=out/base/ckpt.pt --tasks=t2i --name=base
+    python evaluate.py --ckpts=out/local_edit/ckpt.pt,out/global_edit/ckpt.pt,out/joint/ckpt.pt \
+        --tasks=t2i,local_edit,global_edit --name=interference
+
+Every checkpoint is sampled on the same fixed-seed test examples of every task it was trained for (from the
+same noise), and scored by scorer.py: no learned judge. t2i is also reported on single- and two-object scenes
+and on held-out colour-shape pairs (never seen in training). A label can be given per checkpoint as
+LABEL=PATH. Scores are fractions in [0, 1] except PSNR (dB) and seam error ([0, 1] pixel units).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+import data
+import scorer
+from sample import euler
+from train import load_model, model_inputs, parse_config
+
+
+@dataclass
+class Config:
+    ckpts: str = ""               # comma-separated checkpoints, each PATH or LABEL=PATH
+    tasks: str = "t2i"            # comma-separated tasks to score (a checkpoint not trained for one gets "-")
+    n: int = 200                  # examples per task and split
+    batch_size: int = 100         # sampling batch
+    steps: int = 16               # Euler steps
+    cfg_scale: float = 1.0        # classifier-free guidance
+    seed: int = 0                 # data and noise seed (the same for every checkpoint)
+    name: str = "eval"            # results/<name>.md and results/<name>.json
+    device: str = "auto"          # auto | cpu | cuda
+
+
+# (label, split, n_objects) of the t2i rows; other tasks are scored on the test split
+T2I_SUBSETS = [("t2i", "test", None), ("t2i 1 object", "test", 1), ("t2i 2 objects", "test", 2),
+               ("t2i held-out pairs", "heldout", None)]
+
+
+@torch.no_grad()
+def evaluate_task(model, task, n, res, device, split="test", n_objects=None, steps=16, cfg_scale=1.0, seed=0,
+                  batch_size=100):
+    """Sample `model` on n fixed test examples of `task` and score them. Returns the scorer's means."""
+    rows, weights = [], []
+    for i in range(0, n, batch_size):
+        b = data.make_batch(task, min(batch_size, n - i), res, device, seed=seed * 1000 + i, split=split,
+                            n_objects=n_objects)
+        noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(seed * 1000 + i)).to(device)
+        x = euler(model, noise, model_inputs(b), steps, cfg_scale).clamp(-1, 1)
+        rows.append(scorer.score(task, x, b)[0])
+        weights.append(len(b.text))
+    return {k: sum(r[k] * w for r, w in zip(rows, weights)) / sum(weights) for k in rows[0]}
+
+
+HEADLINE = {"psnr_outside": "PSNR out", "seam_error": "seam", "concept_debiased": "CP debiased",
+            "prompt": "PF"}  # extra columns next to success
+
+
+def main(cfg):
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if cfg.device == "auto" else cfg.device)
+    tasks = cfg.tasks.split(",")
+    bad = [t for t in tasks if t not in data.TASKS]
+    if bad or not cfg.ckpts:
+        raise SystemExit(f"unknown task {bad[0]!r}" if bad else "--ckpts=PATH[,PATH...] is required")
+    results = {}
+    for item in cfg.ckpts.split(","):
+        label, _, path = item.rpartition("=")
+        label = label or os.path.basename(os.path.dirname(path)) or path
+        model, ckpt = load_model(path, device)
+        res, results[label] = model.config.image_size, {}
+        for task in tasks:
+            if task not in ckpt.get("tasks", []):
+                continue
+            subsets = T2I_SUBSETS if task == "t2i" else [(task, "test", None)]
+            for name, split, n_obj in subsets:
+                m = evaluate_task(model, task, cfg.n, res, device, split, n_obj, cfg.steps, cfg.cfg_scale, cfg.seed,
+                                  cfg.batch_size)
+                results[label][name] = m
+                print(f"{label:>16s} {name:20s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
+    columns = [c for c in dict.fromkeys(k for r in results.values() for k in r)]
+    lines = [f"Exact-scorer success (fraction right) of each checkpoint, {cfg.n} test examples per column, "
+             f"{cfg.steps} Euler steps, CFG {cfg.cfg_scale}. Command: `python evaluate.py {cfg_args(cfg)}`", "",
+             "| checkpoint | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, r in results.items():
+        cells = []
+        for c in columns:
+            m = r.get(c)
+            extra = ", ".join(f"{HEADLINE[k]} {m[k]:.{1 if k == 'psnr_outside' else 3}f}" for k in HEADLINE
+                              if m and k in m)
+            cells.append("-" if m is None else f"{m['success']:.3f}" + (f" ({extra})" if extra else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    os.makedirs("results", exist_ok=True)
+    with open(f"results/{cfg.name}.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(f"results/{cfg.name}.json", "w") as f:
+        json.dump(dict(config=vars(cfg), results=results), f, indent=1)
+    print("\n".join(lines))
+    print(f"wrote results/{cfg.name}.md and results/{cfg.name}.json")
+    return results
+
+
+def cfg_args(cfg):
+    default = Config()
+    return " ".join(f"--{k}={v}" for k, v in vars(cfg).items() if getattr(default, k) != v)
+
+
+if __name__ == "__main__":
+    main(parse_config(Config()))
