@@ -129,7 +129,8 @@ def parse(img, tone="normal", subjects=False):
         coef = torch.linalg.lstsq(A, (P - Bw)[..., None], driver="gelsd").solution[..., 0].clamp(0, 1)
         fill = torch.zeros(H, H)
         fill[window] = coef.sum(1) if subjects else coef[:, 0]
-        cx, cy = (fill * X).sum() / fill.sum(), (fill * Y).sum() / fill.sum()  # centroid of the fill alone
+        if fill.sum() > 1e-3:  # centroid of the fill alone (a blob of pure outline colour has none)
+            cx, cy = (fill * X).sum() / fill.sum(), (fill * Y).sum() / fill.sum()
         tfill, ring = _templates(float(cx), float(cy), H, LINES)  # (4, 2, 3, H, W)
         t = tfill[:, :, 0].reshape(8, 1, H, H)
         iou = torch.stack([(torch.minimum(tb, fill).sum((-1, -2)) / torch.maximum(tb, fill).sum((-1, -2)))[:, 0]

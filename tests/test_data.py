@@ -179,3 +179,12 @@ def test_manifest_bad_rows_are_named(tmp_path):
     assert "row 2: empty row" in msg and "row 3: missing image file" in msg and "row 6: unknown word 'teal'" in msg
     with pytest.raises(ValueError, match="is 32x32, expected 64x64"):
         data.load_manifest(str(path.with_name("manifest.jsonl")).replace("manifest", "manifest"), 64)
+
+
+def test_parse_survives_generator_like_junk():
+    x = torch.full((3, 32, 32), 0.84)  # a white background ...
+    x[:, 4:12, 4:12] = -1  # ... with a blob of pure outline colour (black): no object colour to unmix
+    x[:, 20:23, 20:30] = torch.tensor([1., -1, -1])[:, None, None]  # and a thin red sliver
+    found = scorer.parse(x)
+    assert found.sky == "white" and all(0 <= o.cell < 9 for o in found.objects)
+    scorer.parse(torch.rand(3, 32, 32) * 2 - 1)  # pure noise parses to something, without crashing

@@ -1,0 +1,638 @@
+"""The frozen raters: a small VLM that answers yes/no questions about images, and ByteEdit's reward models.
+
+    python judges.py                                     # train (or load) every judge, print accuracies, write PNG
+    python judges.py --what=vlm --agreement_ckpt=out/base/ckpt.pt   # + VLM vs exact parser on generated images
+    python judges.py --preset=tiny --vlm_caption_steps=20 --vlm_vqa_steps=20 --reward_steps=20   # seconds
+
+VLM (Dual-Process, Self-Distillation): a tiny LLaVA (Liu et al. 2023: CLIP ViT -> MLP projector -> Llama decoder,
+image features in place of <image> tokens) built offline from transformers configs with a word-level tokenizer of
+the world's vocabulary, saved with save_pretrained so that it reloads through AutoModelForImageTextToText /
+AutoProcessor like a hub VLM; any such local VLM can replace it (`load_judge`). Prompt as in Dual-Process (Luo et
+al. 2025): question + " Answer with Yes or No."; the answer is the next token. Training: captions, then the world's
+yes/no questions (data.vqa_batch, every family, balanced) plus a "statement" loss (`vqa_loss`), without which yes/no
+sits at chance. Two-image questions ("are these the same object ?") put two image blocks in one prompt, as
+multi-image LLaVA prompts do, so each image keeps the resolution and positions it was trained with.
+Rewards (ByteEdit, Su et al. 2024, section 3.2), scalars R used as -log sigmoid(R), trained by Bradley-Terry,
+p(a preferred over b) = sigmoid(R_a - R_b), then offset so that R = 0 lies halfway between preferred and rejected:
+alignment R_b(image, caption), a tiny CLIPModel (Radford et al. 2021), matching caption vs one-attribute mismatches;
+aesthetic R_a(image), a small CNN, on pairs ranked by the world's hidden `quality` (blur, noise, blocky patches).
+`Discriminator`: the per-pixel real/fake net of the pixel-coherence reward R_g, trained online by feedback.py.
+Images everywhere: (B, 3, H, W) in [-1, 1], the generator's range; every judge is differentiable in the pixels.
+"""
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tqdm import tqdm
+from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPConfig, CLIPImageProcessorPil, CLIPModel,
+                          CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                          PreTrainedTokenizerFast)
+
+import data
+import scorer
+from sample import euler
+from train import load_model, model_inputs, parse_config, save_checkpoint, setup
+
+
+@dataclass
+class Config:
+    preset: str = "small"          # judge sizes (VLM_PRESETS, REWARD_PRESETS): tiny (tests, seconds) | small (CPU)
+    what: str = "vlm,alignment,aesthetic"  # which judges to build and evaluate
+    out: str = ""                  # cache directory ("" = out/judges/<preset>); cached judges are loaded, not retrained
+    retrain: bool = False          # train even when a cached judge exists
+    res: int = 32                  # image side the judges see (other sizes are resized differentiably)
+    families: str = "all"          # question families to train and evaluate (data.FAMILIES), comma-separated
+    vlm_caption_steps: int = 600   # phase 1: teacher-forced captions
+    vlm_vqa_steps: int = 2400      # phase 2: yes/no questions of every family + the statement loss
+    statement_weight: float = 1.0  # phase 2: weight of the LM loss on the true questions (see vqa_loss)
+    vlm_batch: int = 36            # examples per step (phase 2: an equal share per family)
+    vlm_lr: float = 1e-3           # peak AdamW learning rate (warm-up, then cosine, per phase)
+    reward_steps: int = 1500       # optimizer steps of each reward model
+    reward_batch: int = 32         # images (pairs) per step; alignment: each with 1 matching + 3 mismatched captions
+    reward_lr: float = 2e-3        # peak AdamW learning rate of the reward models
+    warmup: int = 50               # linear warm-up steps
+    grad_clip: float = 1.0         # max global grad norm
+    eval_n: int = 200              # held-out examples per VLM family / retrieval images / aesthetic pairs
+    agreement_ckpt: str = ""       # a generator checkpoint: measure VLM vs exact-parser agreement on its samples
+    results: str = "results"       # where judges.json and judges.png go
+    seed: int = 0                  # data and initial weights
+    device: str = "auto"           # auto | cpu | cuda
+    compile: str = "off"           # read by train.setup; the judges run eagerly
+    quiet: bool = False            # no progress bars
+
+
+# ----------------------------------------------------------------------------- the VLM: a tiny LLaVA, built offline
+ANSWER = " Answer with Yes or No."  # Dual-Process's prompt suffix; the answer is the next token
+# patch 8 at 32 px: 16 image tokens, 4x cheaper than patch 4 in the decoder, which is where the time goes
+VLM_PRESETS = {"tiny": dict(hidden=64, layers=2, heads=4, patch=8),
+               "small": dict(hidden=128, layers=3, heads=4, patch=8)}
+SPECIALS = ("<unk>", "<s>", "</s>", "<image>")
+# no roles: "<s><image>... question Answer with Yes or No." (several images: several blocks, in order)
+CHAT_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+                 "{% else %} {{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+
+
+def build_vlm(preset="small", res=32):
+    """A fresh LlavaForConditionalGeneration and its LlavaProcessor, from configs alone (nothing is downloaded)."""
+    p = VLM_PRESETS[preset]
+    words = list(dict.fromkeys(data.VOCAB + ("yes", "answer", "or", "."))) + list(SPECIALS)  # <pad> is VOCAB[0]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()  # "Answer with Yes or No." -> answer with yes or no .
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.add_special_tokens(list(SPECIALS) + ["<pad>"])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", words.index("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    h, layers, heads = p["hidden"], p["layers"], p["heads"]
+    vision = CLIPVisionConfig(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=layers,
+                              num_attention_heads=heads, image_size=res, patch_size=p["patch"])
+    text = LlamaConfig(vocab_size=len(words), hidden_size=h, intermediate_size=4 * h, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(res // p["patch"]) ** 2, vision_feature_layer=-1)
+    images = CLIPImageProcessorPil(size={"shortest_edge": res}, crop_size={"height": res, "width": res},
+                                   image_mean=[.5] * 3, image_std=[.5] * 3)  # so pixel_values == our [-1, 1] images
+    processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=p["patch"],
+                               chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
+                               vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(config), processor
+
+
+def check_images(images, name="images"):
+    """(B, 3, H, W), square, at least 8 px, in the generator's range [-1, 1] (|x| up to 1.5 tolerated)."""
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name} must be a (B, 3, H, W) tensor, got {tuple(getattr(images, 'shape', ()))}")
+    if images.shape[2] != images.shape[3] or images.shape[2] < 8:
+        raise ValueError(f"{name} must be square and at least 8 px, got {images.shape[2]}x{images.shape[3]}")
+    top = images.detach().abs().max().item()  # the one host sync of a judge call
+    if not top <= 1.5:
+        raise ValueError(f"{name} must be in [-1, 1] (the generator's range), found |x| = {top:.3g}; "
+                         "convert [0, 1] images with x * 2 - 1, bytes with x / 127.5 - 1")
+
+
+class Judge:
+    """A VLM answering yes/no questions, differentiable in the input pixels.
+
+    Any LLaVA-style transformers model whose processor makes pixel_values (N, 3, H, W): the processor builds the
+    token ids (once per question, then cached); the pixels bypass its PIL path and are resized and normalised in
+    torch with the processor's own size, image_mean and image_std. Frozen unless frozen=False (training only)."""
+
+    def __init__(self, model, processor, frozen=True):
+        self.model, self.processor, self.tok = model, processor, processor.tokenizer
+        if frozen:
+            model.eval().requires_grad_(False)
+        ip = processor.image_processor
+        self.mean, self.std = (torch.tensor(v).float().view(1, 3, 1, 1) for v in (ip.image_mean, ip.image_std))
+        probe = processor(text=[self._chat("", 1)], images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+        if probe["pixel_values"].ndim != 4:
+            raise ValueError(f"{type(model).__name__}'s processor makes pixel_values of shape "
+                             f"{tuple(probe['pixel_values'].shape)}; the judge needs LLaVA-style (N, 3, H, W)")
+        self.size = tuple(probe["pixel_values"].shape[-2:])
+        self._dummy = Image.new("RGB", self.size[::-1])  # stands in for the images when the processor builds ids
+        self.yes_id, self.no_id = (self.tok.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No"))
+        self._ids = {}
+
+    def _chat(self, text, n_images):
+        content = [{"type": "image"}] * n_images + ([{"type": "text", "text": text}] if text else [])
+        if getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True, tokenize=False)
+        return self.processor.image_token * n_images + " " + text
+
+    def _prompt(self, question, n_images):
+        """Token ids (L,) of one prompt; question None: the images alone (the captioning prompt)."""
+        if (question, n_images) not in self._ids:
+            text = self._chat("" if question is None else question + ANSWER, n_images)
+            ids = self.processor(text=[text], images=[self._dummy] * n_images, return_tensors="pt")["input_ids"][0]
+            unk = self.tok.unk_token_id
+            if unk is not None and (ids == unk).any():
+                bad = [w for w in re.findall(r"\w+|[^\w\s]", question or "")
+                       if self.tok.encode(w, add_special_tokens=False) == [unk]] + ["?"]
+                raise ValueError(f"unknown word {bad[0]!r} in question {question!r} "
+                                 "(this judge knows data.VOCAB and 'yes answer or .')")
+            self._ids[question, n_images] = ids
+        return self._ids[question, n_images]
+
+    def _inputs(self, questions, n_images, tails=None):
+        """Left-padded ids and attention mask (B, L): every row ends at -1. tails: token lists to append."""
+        rows = [self._prompt(q, n_images) for q in questions]
+        if tails is not None:
+            rows = [torch.cat([r, torch.tensor(t, dtype=torch.long)]) for r, t in zip(rows, tails)]
+        L, pad = max(map(len, rows)), self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        ids, mask = torch.full((len(rows), L), pad), torch.zeros(len(rows), L, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, L - len(r):], mask[i, L - len(r):] = r, 1
+        return ids.to(self.model.device), mask.to(self.model.device)
+
+    def pixels(self, images, images2=None):
+        """(B, 3, H, W) in [-1, 1] -> pixel_values (B or 2B, 3, h, w), differentiably: antialiased resize, then
+        the processor's mean/std. With images2 the two images of a row are interleaved, the order of its blocks."""
+        check_images(images)
+        if images2 is not None:
+            check_images(images2, "images2")
+            if images2.shape != images.shape:
+                raise ValueError(f"images2 {tuple(images2.shape)} must match images {tuple(images.shape)}")
+            images = torch.stack([images, images2], 1).flatten(0, 1)
+        x = (images.float() + 1) / 2  # [0, 1], what the processor's rescale makes of bytes
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        return ((x - self.mean.to(x.device)) / self.std.to(x.device)).to(self.model.dtype)
+
+    def logits(self, images, questions, images2=None, keep=1):
+        """Logits (B, keep, vocab) of the last `keep` positions (0: all) and the ids (B, L) they came from."""
+        pixel_values = self.pixels(images, images2)
+        if len(questions) != len(images):
+            raise ValueError(f"{len(questions)} questions for {len(images)} images")
+        ids, mask = self._inputs(questions, 1 if images2 is None else 2)
+        out = self.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, logits_to_keep=keep)
+        return out.logits.float(), ids
+
+    def log_probs(self, images, questions, images2=None):
+        """(B, vocab) log-probabilities of the token after the prompt: the answer."""
+        return self.logits(images, questions, images2)[0][:, -1].log_softmax(-1)
+
+    def log_p_yes(self, images, questions, images2=None):
+        """log p("Yes" | images, question + " Answer with Yes or No.") (B,), differentiable in the images."""
+        return self.log_probs(images, questions, images2)[:, self.yes_id]
+
+    @torch.no_grad()
+    def answer(self, images, questions, images2=None):
+        """(B,) bool: is "Yes" likelier than "No"? (curation, evaluation)"""
+        lp = self.log_probs(images, questions, images2)
+        return lp[:, self.yes_id] > lp[:, self.no_id]
+
+    def loss(self, images, questions, answers, images2=None):
+        """The Dual-Process loss: -log p(answer token), averaged. answers: (B,) bool, True = "Yes"."""
+        target = torch.where(torch.as_tensor(answers, dtype=torch.bool, device=images.device), self.yes_id, self.no_id)
+        return -self.log_probs(images, questions, images2).gather(1, target[:, None]).mean()
+
+
+def load_judge(path, device="cpu"):
+    """Any local transformers image-text-to-text model + processor (e.g. this project's VLM) as a frozen Judge."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"{path} is not a saved transformers model (no config.json)")
+    try:
+        model, processor = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path} is not an image-text-to-text model with a processor: {str(e).splitlines()[0]}") \
+            from None
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise SystemExit(f"{path}: its processor lacks an image processor or a tokenizer, so it is not a VLM")
+    return Judge(model.to(device), processor)
+
+
+# ----------------------------------------------------------------------------- training the VLM
+def caption_batch(n, res, seed, split="train", device="cpu"):
+    """Scenes and their captions; a quarter are subjects alone (the objects of the "same" questions)."""
+    b, rng = data.make_batch("t2i", n - n // 4, res, device, seed=seed, split=split), np.random.default_rng(seed)
+    subjects = [data.Scene([data.sample_object(rng, [], split, cell=int(rng.integers(9)), subject=True)],
+                           **data.sample_background(rng)) for _ in range(n // 4)]
+    return torch.cat([b.target, data.render(subjects, res, device)]), b.text + [data.caption(s, rng) for s in subjects]
+
+
+def caption_loss(judge, images, captions):
+    """Teacher-forced cross-entropy of the caption tokens after the image-only prompt."""
+    tails = [judge.tok.encode(c, add_special_tokens=False) + [judge.tok.eos_token_id] for c in captions]
+    ids, mask = judge._inputs([None] * len(captions), 1, tails)
+    labels = torch.full_like(ids, -100)
+    for i, t in enumerate(tails):
+        labels[i, -len(t):] = ids[i, -len(t):]
+    return judge.model(input_ids=ids, attention_mask=mask, pixel_values=judge.pixels(images), labels=labels).loss
+
+
+def vqa_loss(judge, v, statement_weight=1.0):
+    """-log p(answer) + statement_weight * the teacher-forced LM loss of the questions whose answer is yes.
+
+    Yes/no alone sits at chance for hundreds of steps: the answer is a match between a word and the image, and
+    nothing rewards either half before both exist. The statement term makes the model *say* the true question, word
+    by word, in the very prompt it answers, so the position before "warm" learns to predict it from the image and the
+    answer only has to compare. Measured (tests/test_judges.py: one warm or cool object, "are all the shapes
+    warm|cool colors ?", tiny preset, 250 steps): 48% without the term, 100% with it."""
+    logits, ids = judge.logits(v.images, v.questions, v.images2, keep=0)  # (B, L, vocab)
+    answers = v.answers.to(logits.device)
+    answer = F.cross_entropy(logits[:, -1], torch.where(answers, judge.yes_id, judge.no_id))
+    image = ids == judge.model.config.image_token_id
+    text = (image.cumsum(1) == image.sum(1, keepdim=True)) & ~image & (ids != judge.tok.pad_token_id)
+    labels = torch.where(text & answers[:, None], ids, -100)[:, 1:]  # (B, L - 1) next-token targets, yes rows
+    statement = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100) \
+        if (labels >= 0).any() else 0.
+    return answer + statement_weight * statement
+
+
+def vqa_step_loss(judge, n, res, seed, families, statement_weight, device="cpu"):
+    """An equal share of every family: one forward for the one-image families, one for "same" (two images)."""
+    batches = [data.vqa_batch(f, max(2, n // len(families)), res, device, seed) for f in families]
+    one, two = [v for v in batches if v.images2 is None], [v for v in batches if v.images2 is not None]
+    loss = sum(vqa_loss(judge, v, statement_weight) for v in two)
+    if one:
+        cat = data.VQA("mixed", torch.cat([v.images for v in one]), sum([v.questions for v in one], []),
+                       torch.cat([v.answers for v in one]))
+        loss = loss + vqa_loss(judge, cat, statement_weight) * len(one)
+    return loss / len(batches)
+
+
+def lr_at(cfg, step, steps, lr):
+    """Linear warm-up, then cosine decay to 5% at `steps`."""
+    return lr * min(1, (step + 1) / cfg.warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(1, step / steps))))
+
+
+@torch.no_grad()
+def vqa_accuracy(judge, n, res, seed=10_000, split="test", families=data.FAMILIES, batch=100):
+    """Accuracy per family on n held-out questions, half of them yes (so it is also the balanced accuracy)."""
+    out = {}
+    for f in families:
+        right = 0
+        for i in range(0, n, batch):
+            v = data.vqa_batch(f, min(batch, n - i), res, judge.model.device, seed + i, split)
+            right += int((judge.answer(v.images, v.questions, v.images2) == v.answers).sum())
+        out[f] = right / n
+    return out
+
+
+# ----------------------------------------------------------------------------- reward models (ByteEdit)
+REWARD_PRESETS = {"tiny": dict(hidden=32, layers=1, heads=2), "small": dict(hidden=64, layers=2, heads=4)}
+EOS = len(data.VOCAB)  # the alignment text encoder pools the hidden state of this token, appended after the words
+
+
+def bt_loss(r_better, r_worse):
+    """Bradley-Terry: -log p(better preferred) = -log sigmoid(R(better) - R(worse))."""
+    return -F.logsigmoid(r_better - r_worse).mean()
+
+
+class Alignment(nn.Module):
+    """R_b(image, caption) = scale * cos(image embedding, caption embedding) + offset, from a tiny CLIPModel."""
+
+    def __init__(self, preset="small", res=32):
+        super().__init__()
+        p, self.res = REWARD_PRESETS[preset], res
+        sizes = dict(hidden_size=p["hidden"], intermediate_size=4 * p["hidden"], num_hidden_layers=p["layers"],
+                     num_attention_heads=p["heads"])
+        self.clip = CLIPModel(CLIPConfig(
+            text_config=dict(vocab_size=EOS + 1, max_position_embeddings=data.MAX_TOKENS + 1, pad_token_id=0,
+                             bos_token_id=None, eos_token_id=EOS, **sizes),
+            vision_config=dict(image_size=res, patch_size=4, **sizes), projection_dim=p["hidden"]))
+        self.register_buffer("offset", torch.zeros(()))
+
+    def embed_text(self, captions):
+        tokens = F.pad(data.tokenize(captions), (0, 1))  # (N, 49) word ids; unknown words are a clear error
+        n = (tokens != 0).sum(1)
+        tokens[torch.arange(len(n)), n] = EOS
+        tokens, dev = tokens[:, :int(n.max()) + 1], self.offset.device
+        mask = (torch.arange(tokens.shape[1]) <= n[:, None]).long()
+        h = self.clip.text_model(input_ids=tokens.to(dev), attention_mask=mask.to(dev)).pooler_output
+        return F.normalize(self.clip.text_projection(h), dim=-1)
+
+    def embed_images(self, images):
+        check_images(images)
+        x = images.float() if images.shape[-1] == self.res else \
+            F.interpolate(images.float(), size=(self.res, self.res), mode="bilinear", antialias=True)
+        return F.normalize(self.clip.visual_projection(self.clip.vision_model(pixel_values=x).pooler_output), dim=-1)
+
+    def scores(self, images, captions):
+        """R of every (image, caption) pair: (B, N)."""
+        return self.clip.logit_scale.exp() * self.embed_images(images) @ self.embed_text(captions).T + self.offset
+
+    def forward(self, images, captions):
+        """R_b of each image with its own caption: (B,)."""
+        if len(captions) != len(images):
+            raise ValueError(f"{len(captions)} captions for {len(images)} images")
+        return self.scores(images, captions).diagonal()
+
+
+def one_change(scene, rng):
+    """The scene with one captioned attribute changed: a shape, colour, size, outline or cell, or the background."""
+    pick = lambda options: options[rng.integers(len(options))]
+    i, what = int(rng.integers(len(scene.objects))), pick(("shape", "color", "size", "line", "cell", "background"))
+    o, objs = scene.objects[i], list(scene.objects)
+    cells = [c for c in data.free_cells(objs, exclude=o) if c != o.cell]
+    if what in ("shape", "color", "size", "line"):
+        options = {"shape": data.SHAPES, "color": list(data.COLORS), "size": list(data.SIZES), "line": data.LINES}[what]
+        objs[i] = replace(o, **{what: pick([v for v in options if v != getattr(o, what)])})
+    elif what == "cell" and cells:
+        objs[i] = replace(o, cell=pick(cells))
+    else:
+        klass = data.LIGHT if scene.sky in data.LIGHT else tuple(b for b in data.BACKGROUNDS if b not in data.LIGHT)
+        if scene.horizon == "none":
+            new = pick([b for b in klass if b != scene.sky])
+            return replace(scene, sky=new, ground=new)
+        part = pick(("sky", "ground", "horizon"))
+        if part == "horizon":
+            return replace(scene, horizon=pick([h for h in ("high", "middle", "low") if h != scene.horizon]))
+        return replace(scene, **{part: pick([b for b in klass if b not in (scene.sky, scene.ground)])})
+    return replace(scene, objects=objs)
+
+
+def alignment_batch(n, k, res, seed, split="train", device="cpu"):
+    """n t2i images, each with k captions: the matching one first, then k - 1 distinct one-attribute mismatches,
+    phrased alike (the same caption rng), so that only the attribute differs."""
+    b, rng = data.make_batch("t2i", n, res, device, seed=seed, split=split), np.random.default_rng(seed)
+    captions = []
+    for spec in b.specs:
+        phrasing = int(rng.integers(2**31))
+        texts = [data.caption(spec, np.random.default_rng(phrasing))]
+        while len(texts) < k:
+            t = data.caption(one_change(spec, rng), np.random.default_rng(phrasing))
+            texts += [t] if t not in texts else []
+        captions += texts
+    return b.target, captions
+
+
+def alignment_loss(reward, images, captions, k):
+    """Bradley-Terry among many (Luce's choice axiom): each image picks its caption out of its k - 1 mismatches and
+    all other images' captions, p = exp R+ / sum exp R; with one rival this is exactly sigmoid(R+ - R-)."""
+    R = reward.scores(images, captions)  # (B, B k)
+    return F.cross_entropy(R, torch.arange(len(images), device=R.device) * k)
+
+
+DEGRADE = dict(blur=1.5, noise=0.15, blocks=0.5)  # worst level of each: blur sigma (px at 32), noise std, tile share
+
+
+def quality(d):
+    """The world's hidden quality function of degradation levels d (N, 3): 0 = clean, -1 = all three at worst."""
+    return -(d / torch.tensor(list(DEGRADE.values()))).mean(1)
+
+
+def degrade(images, d, gen):
+    """Blur (Gaussian, per-image sigma), blocky patches (a share of the 8x8 tiles replaced by their mean, as
+    over-compressed images look) and Gaussian noise, in that order. images (B, 3, H, W); d (B, 3) on the CPU."""
+    B, _, H, W = images.shape
+    r, sigma = int(3 * DEGRADE["blur"] * H / 32) + 1, (d[:, 0] * H / 32).clamp(min=1e-3)[:, None]
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0).to(images.device)  # (3B, 2r + 1)
+    x = F.pad(images.reshape(1, 3 * B, H, W), (r, r, r, r), mode="replicate")
+    x = F.conv2d(F.conv2d(x, k[:, None, None, :], groups=3 * B), k[:, None, :, None], groups=3 * B).view(B, 3, H, W)
+    tiles = (torch.rand(B, 1, 8, 8, generator=gen) < d[:, 2, None, None, None]).float().to(images.device)
+    blocks = F.interpolate(F.adaptive_avg_pool2d(x, 8), size=(H, W), mode="nearest")
+    x = torch.lerp(x, blocks, F.interpolate(tiles, size=(H, W), mode="nearest"))
+    noise = torch.randn(x.shape, generator=gen).to(images.device) * 2 * d[:, 1, None, None, None].to(images.device)
+    return (x + noise).clamp(-1, 1)
+
+
+def aesthetic_batch(n, res, seed, split="train", device="cpu", margin=0.1):
+    """(better, worse) pairs ranked by `quality`, at least `margin` apart; each degradation is absent half the time,
+    else uniform up to its worst. Half the pairs degrade one render twice, half two renders (content cannot decide)."""
+    gen, worst = torch.Generator().manual_seed(seed), torch.tensor(list(DEGRADE.values()))
+    levels = lambda: torch.where(torch.rand(n, 3, generator=gen) < 0.5, 0., torch.rand(n, 3, generator=gen) * worst)
+    b = data.make_batch("t2i", 2 * n, res, device, seed=seed, split=split)
+    same = (torch.rand(n, generator=gen) < 0.5).to(device)[:, None, None, None]
+    da, dc = levels(), levels()
+    keep = (quality(da) - quality(dc)).abs() >= margin
+    a, c = degrade(b.target[:n], da, gen)[keep], degrade(torch.where(same, b.target[:n], b.target[n:]), dc, gen)[keep]
+    first = (quality(da) > quality(dc))[keep].to(device)[:, None, None, None]
+    return torch.where(first, a, c), torch.where(first, c, a)
+
+
+class Aesthetic(nn.Module):
+    """R_a(image): a small CNN, any resolution, mean- and std-pooled (blur and noise are texture statistics)."""
+
+    def __init__(self, preset="small", res=32):
+        super().__init__()
+        w = REWARD_PRESETS[preset]["hidden"] // 2
+        self.net = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1), nn.GELU(), nn.Conv2d(w, w, 3, 1, 1), nn.GELU(),
+                                 nn.Conv2d(w, 2 * w, 4, 2, 1), nn.GELU(), nn.Conv2d(2 * w, 2 * w, 4, 2, 1), nn.GELU())
+        self.head = nn.Linear(4 * w, 1)
+        self.register_buffer("offset", torch.zeros(()))
+
+    def forward(self, images):
+        check_images(images)
+        h = self.net(images.float())  # (B, 2w, H/4, W/4)
+        return self.head(torch.cat([h.mean((2, 3)), h.std((2, 3))], 1))[:, 0] + self.offset
+
+
+class Discriminator(nn.Module):
+    """Per-pixel real/fake logits (B, 1, H, W): ByteEdit's pixel-coherence reward R_g, trained online by feedback.py.
+    Fully convolutional; dilations 1, 2, 4, 8 see 31 px around each pixel. in_channels 4: image + mask."""
+
+    def __init__(self, in_channels=3, width=32):
+        super().__init__()
+        layers = []  # no normalisation layer: it would mix statistics of the whole image into every pixel
+        for i, dilation in enumerate((1, 2, 4, 8)):
+            layers += [nn.Conv2d(in_channels if i == 0 else width, width, 3, 1, dilation, dilation=dilation), nn.SiLU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(width, 1, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def preference_pairs(reward, kind, n, res, seed, split):
+    """R of preferred and rejected examples: matching vs one-attribute-mismatched caption, or better vs worse image."""
+    dev = reward.offset.device
+    if kind == "alignment":
+        images, captions = alignment_batch(n, 2, res, seed, split, dev)
+        return reward(images, captions[0::2]), reward(images, captions[1::2])
+    return tuple(map(reward, aesthetic_batch(n, res, seed, split, dev)))
+
+
+def load_reward(path, device="cpu"):
+    """A saved alignment or aesthetic reward, frozen."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    reward = (Alignment if ck["kind"] == "alignment" else Aesthetic)(ck["preset"], ck["res"])
+    reward.load_state_dict(ck["state"])
+    return reward.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def retrieval_accuracy(reward, n, res, k=8, seed=10_000, split="test"):
+    """Image -> caption retrieval among k candidates that differ from the matching one in one attribute each."""
+    images, captions = alignment_batch(n, k, res, seed, split, reward.offset.device)
+    R = torch.stack([reward.scores(images[i:i + 1], captions[i * k:(i + 1) * k])[0] for i in range(n)])
+    return float((R.argmax(1) == 0).float().mean())
+
+
+@torch.no_grad()
+def pairwise_accuracy(reward, n, res, seed=10_000, split="test"):
+    better, worse = preference_pairs(reward, "aesthetic", n, res, seed, split)
+    return float((better > worse).float().mean())
+
+
+# ----------------------------------------------------------------------------- agreement, examples, python judges.py
+def ask(scene, rng):
+    """A colour, shape, position or count question about `scene` (true half the time) and its truth test for any
+    Scene; the test reads only what the question names."""
+    o, yes, kind = scene.objects[rng.integers(len(scene.objects))], rng.random() < 0.5, int(rng.integers(4))
+    options, value = [(list(data.COLORS), o.color), (data.SHAPES, o.shape), (range(9), o.cell),
+                      ((1, 2, 3), len(scene.objects))][kind]
+    v = value if yes else [x for x in options if x != value][rng.integers(len(options) - 1)]
+    where, n = data.CELLS[o.cell], ("one", "two", "three")[v - 1] if kind == 3 else ""
+    return [(f"is the shape at the {where} {v} ?", lambda s: any((x.cell, x.color) == (o.cell, v) for x in s.objects)),
+            (f"is there a {v} at the {where} ?", lambda s: any((x.cell, x.shape) == (o.cell, v) for x in s.objects)),
+            (f"is the {o.color} {o.shape} at the {data.CELLS[v] if kind == 2 else ''} ?",
+             lambda s: any((x.color, x.shape, x.cell) == (o.color, o.shape, v) for x in s.objects)),
+            (f"are there {n} shape{'s' if v != 1 else ''} ?", lambda s: len(s.objects) == v)][kind]
+
+
+@torch.no_grad()
+def agreement(judge, ckpt, n=200, steps=16, seed=0):
+    """How often the VLM and the exact parser (scorer.parse) give the same answer about a base model's samples
+    (colour, shape, position and count questions, true for the prompt half the time); both are also scored
+    against the prompt. A method that raises the judge's score but not the agreement is hacking the judge."""
+    model, _ = load_model(ckpt, judge.model.device)
+    rng = np.random.default_rng(seed)
+    b = data.make_batch("t2i", n, model.config.image_size, judge.model.device, seed=seed, split="test")
+    noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(seed)).to(b.target.device)
+    x = euler(model, noise, model_inputs(b), steps).clamp(-1, 1)
+    questions, tests = zip(*[ask(s, rng) for s in b.specs])
+    vlm = judge.answer(x, list(questions)).tolist()
+    parser = [test(scorer.parse(img)) for img, test in zip(x, tests)]
+    truth = [test(s) for s, test in zip(b.specs, tests)]
+    rate = lambda a, c: float(np.mean([u == v for u, v in zip(a, c)]))
+    return dict(vlm_vs_parser=rate(vlm, parser), vlm_vs_prompt=rate(vlm, truth), parser_vs_prompt=rate(parser, truth))
+
+
+@torch.no_grad()
+def save_examples(judge, path, res, families=data.FAMILIES, per_family=2):
+    """A PNG: held-out images of every family (x4), the question, the judge's p(yes) and the true answer."""
+    rows = []
+    for f in families:
+        v = data.vqa_batch(f, per_family, res, judge.model.device, seed=123, split="test")
+        p = judge.log_probs(v.images, v.questions, v.images2)[:, [judge.yes_id, judge.no_id]].softmax(1)[:, 0]
+        for i in range(per_family):
+            row = Image.new("RGB", (680, 128), "white")
+            imgs = [v.images[i]] + ([v.images2[i]] if v.images2 is not None else [])
+            row.paste(data.to_pil(torch.cat(imgs, 2)).resize((128 * len(imgs), 128), Image.NEAREST), (0, 0))
+            verdict = "right" if (p[i] > 0.5) == bool(v.answers[i]) else "WRONG"
+            ImageDraw.Draw(row).multiline_text((270, 40), f"[{f}] {v.questions[i]}\njudge: p(yes) = {p[i]:.2f}\n"
+                                               f"truth: {'yes' if v.answers[i] else 'no'} -> {verdict}", fill="black")
+            rows.append(row)
+    sheet = Image.new("RGB", (680, 128 * len(rows)), "white")
+    for i, r in enumerate(rows):
+        sheet.paste(r, (0, 128 * i))
+    sheet.save(path)
+
+
+def step_loss(cfg, phase, net, seed, device):
+    """The loss of one training step: caption | vqa (the VLM, a Judge) | alignment | aesthetic (the rewards)."""
+    if phase == "caption":
+        return caption_loss(net, *caption_batch(cfg.vlm_batch, cfg.res, seed, device=device))
+    if phase == "vqa":
+        families = data.FAMILIES if cfg.families == "all" else cfg.families.split(",")
+        return vqa_step_loss(net, cfg.vlm_batch, cfg.res, seed, families, cfg.statement_weight, device)
+    if phase == "alignment":
+        return alignment_loss(net, *alignment_batch(cfg.reward_batch, 4, cfg.res, seed, device=device), 4)
+    return bt_loss(*map(net, aesthetic_batch(cfg.reward_batch, cfg.res, seed, device=device)))
+
+
+def train_judge(cfg, env, kind, path):
+    """Train the VLM (captions, then questions) or a reward, save it to `path`, and return it frozen."""
+    torch.manual_seed(cfg.seed)
+    if kind == "vlm":
+        model, processor = build_vlm(cfg.preset, cfg.res)
+        net = Judge(model.to(env.device), processor, frozen=False)
+        phases, lr = (("caption", cfg.vlm_caption_steps), ("vqa", cfg.vlm_vqa_steps)), cfg.vlm_lr
+    else:
+        model = net = (Alignment if kind == "alignment" else Aesthetic)(cfg.preset, cfg.res).to(env.device)
+        phases, lr = ((kind, cfg.reward_steps),), cfg.reward_lr
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    print(f"training {kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          + ", ".join(f"{steps} {phase} steps" for phase, steps in phases))
+    for i, (phase, steps) in enumerate(phases):
+        bar = tqdm(range(steps), desc=phase, disable=cfg.quiet)
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step, steps, lr)
+            with env.ctx:
+                loss = step_loss(cfg, phase, net, cfg.seed * 1_000_003 + 500_000 * i + step, env.device)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step % 50 == 0 or step + 1 == steps:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    if kind == "vlm":
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        return load_judge(path, env.device)
+    model.eval().requires_grad_(False)
+    with torch.no_grad():  # R = 0 halfway between preferred and rejected, so that -log sigmoid(R) means something
+        better, worse = preference_pairs(model, kind, 256, cfg.res, seed=77_777, split="train")
+        model.offset -= (better.mean() + worse.mean()) / 2
+    save_checkpoint(path, kind=kind, preset=cfg.preset, res=cfg.res, state=model.state_dict())
+    return model
+
+
+def get_judge(cfg, kind, env=None):
+    """The judge `kind` (vlm | alignment | aesthetic) cached under cfg.out, trained first if missing; frozen."""
+    env = env or setup(cfg)
+    path = os.path.join(cfg.out or f"out/judges/{cfg.preset}", "vlm" if kind == "vlm" else f"{kind}.pt")
+    if os.path.exists(path) and not cfg.retrain:
+        return load_judge(path, env.device) if kind == "vlm" else load_reward(path, env.device)
+    return train_judge(cfg, env, kind, path)
+
+
+def main(cfg):
+    env, what, out = setup(cfg), cfg.what.split(","), dict(preset=cfg.preset)
+    families = data.FAMILIES if cfg.families == "all" else tuple(cfg.families.split(","))
+    bad = sorted(set(what) - {"vlm", "alignment", "aesthetic"}) + sorted(set(families) - set(data.FAMILIES))
+    if bad:
+        raise SystemExit(f"unknown judge or family {bad[0]!r}: --what from vlm,alignment,aesthetic, "
+                         f"--families from {','.join(data.FAMILIES)}")
+    os.makedirs(cfg.results, exist_ok=True)
+    if "vlm" in what:
+        judge = get_judge(cfg, "vlm", env)
+        out["vlm"] = vqa_accuracy(judge, cfg.eval_n, cfg.res, families=families)
+        print("VLM yes/no accuracy, held-out scenes: " + "  ".join(f"{k} {v:.3f}" for k, v in out["vlm"].items()))
+        save_examples(judge, os.path.join(cfg.results, "judges.png"), cfg.res, families)
+        if cfg.agreement_ckpt:
+            out["agreement"] = agreement(judge, cfg.agreement_ckpt)
+            print("on generated images: " + "  ".join(f"{k} {v:.3f}" for k, v in out["agreement"].items()))
+    if "alignment" in what:
+        out["alignment_retrieval_8"] = retrieval_accuracy(get_judge(cfg, "alignment", env), cfg.eval_n, cfg.res)
+        print(f"alignment: image -> caption among 8, one attribute apart: {out['alignment_retrieval_8']:.3f}")
+    if "aesthetic" in what:
+        out["aesthetic_pairwise"] = pairwise_accuracy(get_judge(cfg, "aesthetic", env), cfg.eval_n, cfg.res)
+        print(f"aesthetic: pairwise accuracy on held-out pairs: {out['aesthetic_pairwise']:.3f}")
+    with open(os.path.join(cfg.results, "judges.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_config(Config()))
