@@ -136,7 +136,9 @@ def parse(img, tone="normal", subjects=False):
         iou = torch.stack([(torch.minimum(tb, fill).sum((-1, -2)) / torch.maximum(tb, fill).sum((-1, -2)))[:, 0]
                            for tb in (_blur(t, s) for s in (0, 0.7, 1.2))]).amax(0)  # best over blur levels
         s_id, z_id = divmod(int(iou.argmax()), 2)
-        line = 0 if subjects or tone == "gray" else int((ring[s_id, z_id].sum((-1, -2)) - coef[:, 1].sum()).abs().argmin())
+        line = 0  # outline weight: the template whose outline mass is nearest the measured one
+        if not subjects and tone != "gray":
+            line = int((ring[s_id, z_id].sum((-1, -2)) - coef[:, 1].sum()).abs().argmin())
         o = Obj(SHAPES[s_id], colors[c1], list(SIZES)[z_id], min(2, int(cy * 3)) * 3 + min(2, int(cx * 3)), line)
         if subjects:
             o = _subject(o, x, bg, window, objpal, candidates, float(cx), float(cy))
@@ -216,7 +218,8 @@ def seam_error(out, target, mask):
         m0, m1 = mask.narrow(dim, 0, mask.shape[dim] - 1), mask.narrow(dim, 1, mask.shape[dim] - 1)
         edge = (m0 != m1).float()  # (B, 1, ., .) pairs of pixels straddling the boundary
         jump = lambda x: x.narrow(dim, 1, x.shape[dim] - 1) - x.narrow(dim, 0, x.shape[dim] - 1)
-        errs.append((((jump(out) - jump(target)) / 2).abs() * edge).sum((1, 2, 3)) / 3 / edge.sum((1, 2, 3)).clamp(min=1))
+        err = (((jump(out) - jump(target)) / 2).abs() * edge).sum((1, 2, 3))
+        errs.append(err / 3 / edge.sum((1, 2, 3)).clamp(min=1))
     return (errs[0] + errs[1]) / 2
 
 

@@ -113,7 +113,8 @@ def test_vqa_is_balanced_and_answers_are_true():
         assert (len(scorer.parse(x).objects) == n) == bool(a)
     v = data.vqa_batch("same", 20, 32, seed=19)
     for x, y, a in zip(v.images, v.images2, v.answers):
-        same = scorer.parse(x, subjects=True).objects[0].subject() == scorer.parse(y, subjects=True).objects[0].subject()
+        subject = lambda img: scorer.parse(img, subjects=True).objects[0].subject()
+        same = subject(x) == subject(y)
         assert same == bool(a)
 
 
