@@ -588,6 +588,18 @@ def load_image(path, res, mask=False):
     return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
 
 
+def check_images(images, name="images"):
+    """(B, 3, H, W), square, at least 8 px, in the generator's range [-1, 1] (|x| up to 1.5 tolerated)."""
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name} must be a (B, 3, H, W) tensor, got {tuple(getattr(images, 'shape', ()))}")
+    if images.shape[2] != images.shape[3] or images.shape[2] < 8:
+        raise ValueError(f"{name} must be square and at least 8 px, got {images.shape[2]}x{images.shape[3]}")
+    top = images.detach().abs().max().item()  # the one host sync of a judge call
+    if not top <= 1.5:
+        raise ValueError(f"{name} must be in [-1, 1] (the generator's range), found |x| = {top:.3g}; "
+                         "convert [0, 1] images with x * 2 - 1, bytes with x / 127.5 - 1")
+
+
 MANIFEST_COLUMNS = ("task", "prompt", "source_image", "target_image", "mask")
 NEEDS = {"t2i": (), "local_edit": ("source_image",), "global_edit": ("source_image",), "inpaint": ("mask",),
          "outpaint": ("mask",), "customize": ("source_image",)}  # customize: source_image is the reference

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import data
 import judges
 import model
+import rewards
 import scorer
 import train
 
@@ -26,9 +27,9 @@ def vlm():
 def frozen_judges(vlm, tmp_path):
     """The VLM and both rewards, frozen as the method scripts get them (rewards through save + load)."""
     out = [judges.Judge(*vlm)]
-    for kind, cls in (("alignment", judges.Alignment), ("aesthetic", judges.Aesthetic)):
+    for kind, cls in (("alignment", rewards.Alignment), ("aesthetic", rewards.Aesthetic)):
         train.save_checkpoint(str(tmp_path / kind), kind=kind, preset="tiny", res=32, state=cls("tiny").state_dict())
-        out.append(judges.load_reward(str(tmp_path / kind)))
+        out.append(rewards.load_reward(str(tmp_path / kind)))
     return out
 
 
@@ -147,9 +148,9 @@ def test_bad_inputs_are_clear_errors(vlm, tmp_path):
     with pytest.raises(ValueError, match="3 questions for 2 images"):
         judge.loss(v.images, v.questions + v.questions[:1], [True, False])
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        judges.Aesthetic("tiny")(v.images * 2)
+        rewards.Aesthetic("tiny")(v.images * 2)
     with pytest.raises(ValueError, match="unknown word"):
-        judges.Alignment("tiny")(v.images, ["a purplish circle", "a red circle"])
+        rewards.Alignment("tiny")(v.images, ["a purplish circle", "a red circle"])
     with pytest.raises(SystemExit, match="no config.json"):
         judges.load_judge(str(tmp_path))
     LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
@@ -160,9 +161,9 @@ def test_bad_inputs_are_clear_errors(vlm, tmp_path):
 
 def test_reward_models_learn_their_preferences():
     torch.manual_seed(0)
-    aesthetic, alignment = judges.Aesthetic("tiny"), judges.Alignment("tiny")
+    aesthetic, alignment = rewards.Aesthetic("tiny"), rewards.Alignment("tiny")
     opts = [torch.optim.AdamW(m.parameters(), lr=3e-3) for m in (aesthetic, alignment)]
-    test_images, test_captions = judges.alignment_batch(64, 1, 32, seed=10**6, split="test")
+    test_images, test_captions = rewards.alignment_batch(64, 1, 32, seed=10**6, split="test")
     other = test_captions[1:] + test_captions[:1]  # another scene's caption
 
     def ranks():
@@ -170,32 +171,32 @@ def test_reward_models_learn_their_preferences():
             return (alignment(test_images, test_captions) > alignment(test_images, other)).float().mean()
     before, bt = ranks(), []
     for step in range(60):
-        loss_a = judges.bt_loss(*map(aesthetic, judges.aesthetic_batch(32, 32, seed=step)))
-        loss_b = judges.alignment_loss(alignment, *judges.alignment_batch(16, 2, 32, seed=step), 2)
+        loss_a = rewards.bt_loss(*map(aesthetic, rewards.aesthetic_batch(32, 32, seed=step)))
+        loss_b = rewards.alignment_loss(alignment, *rewards.alignment_batch(16, 2, 32, seed=step), 2)
         (loss_a + loss_b).backward()
         for o in opts:
             o.step()
             o.zero_grad()
         bt.append(loss_a.item())
     assert np.mean(bt[-10:]) < np.mean(bt[:10]) - 0.01  # the Bradley-Terry loss falls (measured 0.697 -> 0.676)
-    assert judges.pairwise_accuracy(aesthetic.eval(), 200, 32) > 0.65  # held-out pairs (measured 0.79)
+    assert rewards.pairwise_accuracy(aesthetic.eval(), 200, 32) > 0.65  # held-out pairs (measured 0.79)
     assert before < 0.75 and ranks() > 0.75  # matching caption above another scene's, held out
 
 
 def test_degradations_and_the_hidden_quality_function():
     x = data.make_batch("t2i", 4, 32, seed=7).target
     gen = torch.Generator().manual_seed(0)
-    assert torch.allclose(judges.degrade(x, torch.zeros(4, 3), gen), x, atol=1e-5)  # level 0 = the clean render
+    assert torch.allclose(rewards.degrade(x, torch.zeros(4, 3), gen), x, atol=1e-5)  # level 0 = the clean render
     for i in range(3):  # each degradation alone changes the image and lowers the quality
         d = torch.zeros(4, 3)
-        d[:, i] = list(judges.DEGRADE.values())[i]
-        assert (judges.degrade(x, d, gen) - x).abs().mean() > 0.005 and (judges.quality(d) < 0).all()
-    better, worse = judges.aesthetic_batch(64, 32, seed=0)
+        d[:, i] = list(rewards.DEGRADE.values())[i]
+        assert (rewards.degrade(x, d, gen) - x).abs().mean() > 0.005 and (rewards.quality(d) < 0).all()
+    better, worse = rewards.aesthetic_batch(64, 32, seed=0)
     assert better.shape == worse.shape and 16 < len(better) <= 64
 
 
 def test_one_attribute_mismatches_differ_from_the_caption_by_one_attribute():
-    images, captions = judges.alignment_batch(8, 8, 32, seed=0)
+    images, captions = rewards.alignment_batch(8, 8, 32, seed=0)
     assert len(captions) == 64 and images.shape == (8, 3, 32, 32)
     for i in range(8):
         group = captions[8 * i:8 * i + 8]
@@ -206,7 +207,7 @@ def test_one_attribute_mismatches_differ_from_the_caption_by_one_attribute():
 
 
 def test_discriminator_is_per_pixel_and_differentiable():
-    d = judges.Discriminator(in_channels=4)
+    d = rewards.Discriminator(in_channels=4)
     x = torch.randn(2, 4, 32, 32, requires_grad=True)
     out = d(x)
     assert out.shape == (2, 1, 32, 32)
