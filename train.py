@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import scorer
 from model import DiT, DiTConfig, preset
 from sample import euler, interpolate, velocity_target
 
@@ -196,19 +195,6 @@ def get_batch(cfg, env, step, res):
 
 
 @torch.no_grad()
-def evaluate_quick(model, tasks, res, n, device, steps, cfg_scale, split="test"):
-    """Score `model` on n fresh examples of each task with the exact scorer (for the run's log)."""
-    out = {}
-    for task in tasks:
-        b = data.make_batch(task, n, res, device, seed=10_000, split=split)
-        x = euler(model, torch.randn(b.target.shape, generator=torch.Generator().manual_seed(0)).to(device),
-                  model_inputs(b), steps, cfg_scale)
-        means, _ = scorer.score(task, x.clamp(-1, 1), b)
-        out[task] = means
-    return out
-
-
-@torch.no_grad()
 def save_samples(model, tasks, res, device, path, steps, cfg_scale, n=8):
     """A PNG: for each task a row of conditions (if any), a row of samples, a row of targets."""
     rows = []
@@ -301,7 +287,9 @@ def train(cfg):
         save_samples(ema, tasks, res, env.device, os.path.join(cfg.out, "samples.png"), cfg.sample_steps,
                      cfg.cfg_scale)
         if cfg.eval_n:
-            scores = evaluate_quick(ema, tasks, res, cfg.eval_n, env.device, cfg.sample_steps, cfg.cfg_scale)
+            from evaluate import evaluate_task  # imported here: evaluate.py builds on this file
+            scores = {task: evaluate_task(ema, task, cfg.eval_n, res, env.device, steps=cfg.sample_steps,
+                                          cfg_scale=cfg.cfg_scale) for task in tasks}
             log.write(json.dumps(dict(step=cfg.steps, eval=scores)) + "\n")
             for task, m in scores.items():
                 print(f"eval {task}: " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))

@@ -16,7 +16,7 @@ TINY = ["--preset=tiny", "--batch_size=8", "--eval_n=0", "--quiet", "--log_every
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "base"
-    return train.train(train.parse_config(train.Config(), TINY + [f"--out={out}", "--steps=10"]))
+    return train.train(train.parse_config(train.Config(), TINY + [f"--out={out}", "--steps=10", "--eval_n=4"]))
 
 
 def sample_cli(*args):
@@ -30,6 +30,8 @@ def test_train_sample_evaluate_end_to_end(ckpt, tmp_path, monkeypatch):
     from PIL import Image
     assert Image.open(png).size == (3 * 32, 32)
     assert os.path.exists(os.path.join(os.path.dirname(ckpt), "samples.png"))
+    rows = [json.loads(line) for line in open(os.path.join(os.path.dirname(ckpt), "log.jsonl"))]
+    assert 0 <= rows[-1]["eval"]["t2i"]["success"] <= 1 and "shape" in rows[-1]["eval"]["t2i"]  # end-of-run eval
     monkeypatch.chdir(tmp_path)
     res = evaluate.main(train.parse_config(evaluate.Config(), [f"--ckpts=tiny={ckpt}", "--n=4", "--steps=2",
                                                                "--tasks=t2i,local_edit", "--name=e2e"]))
