@@ -50,9 +50,10 @@ class Config:
     min_lr: float = 0.05           # cosine decay ends at min_lr * lr
     weight_decay: float = 0.0      # AdamW weight decay
     grad_clip: float = 1.0         # max global grad norm
-    ema: float = 0.999             # EMA decay of the weights we sample and evaluate with
+    ema: float = 0.995             # EMA decay of the weights we sample and evaluate with (0.999 lagged 3000 steps)
     cond_drop: float = 0.1         # probability of an empty caption (classifier-free guidance)
     grid_rate: float = 0.1         # fraction of t2i examples that are "a grid of four images of the same ..."
+    n_objects: int = 0             # objects per t2i/inpaint/outpaint scene (0 = 1-3 at random)
     sample_steps: int = 16         # Euler steps for samples and the end-of-run evaluation
     cfg_scale: float = 1.0         # guidance scale for samples and evaluation
     eval_n: int = 128              # test examples scored at the end (0 = skip)
@@ -182,7 +183,7 @@ def get_batch(cfg, env, step, res):
     """This process's slice of the global batch of `step` and of its noise (t, eps, caption drop)."""
     task = task_of_step(cfg, step)
     batch = data.make_batch(task, cfg.batch_size, res, env.device, seed=cfg.seed * 1_000_003 + step,
-                            grid_rate=cfg.grid_rate)
+                            grid_rate=cfg.grid_rate, n_objects=cfg.n_objects or None)
     gen = step_generator(cfg.seed, step)
     noise = dict(t=torch.rand(cfg.batch_size, generator=gen), eps=torch.randn(batch.target.shape, generator=gen),
                  drop=torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop)

@@ -83,3 +83,12 @@ def test_finetune_starts_from_the_base_and_records_tasks(tmp_path):
     b = torch.load(base, weights_only=True)["ema"]
     moved = [k for k in b if not torch.equal(b[k], ckpt["model"][k])]
     assert moved and len(moved) < len(b)  # one step moved some weights, the rest came from the base
+
+
+@pytest.mark.parametrize("n_objects", [1, 2])
+def test_n_objects_fixes_the_object_count_of_t2i_batches(n_objects):
+    cfg = train.parse_config(train.Config(), ["--preset=tiny", "--batch_size=16", f"--n_objects={n_objects}",
+                                              "--grid_rate=0"])
+    env = train.Env(torch.device("cpu"), None, False, 0, 1)
+    batch, noise = train.get_batch(cfg, env, step=0, res=32)
+    assert [len(s.objects) for s in batch.specs] == [n_objects] * 16 and noise["t"].shape == (16,)
