@@ -1,0 +1,349 @@
+"""DanceOPD: on-policy distillation of several frozen expert velocity fields into one student.
+
+    python distill_onpolicy.py                                         # teachers (built if missing) -> student
+    python distill_onpolicy.py --tasks=local_edit,global_edit --out=out/danceopd_edits --name=danceopd_edits
+    python distill_onpolicy.py --mode=offpolicy --out=out/opd_off --name=offpolicy    # ablations: one flag each
+    python distill_onpolicy.py --compare=joint=out/small/joint/ckpt.pt                 # extra rows in the table
+
+Zhou et al. 2026, "DanceOPD: On-Policy Generative Field Distillation" (METHODS.md section 1). Each capability
+has a frozen teacher velocity field: the T2I teacher is the base model itself, an edit teacher is the base
+fine-tuned on its own pairs (train.py). The student starts as the base + LoRA. One optimizer step:
+  1. hard routing: one capability m per step, uniform; the whole batch comes from m's data bucket;
+  2. its conditions c (caption; for edits the source image) from data.make_batch;
+  3. roll out the current student with no gradient: Euler, 16 steps, the state before each step;
+  4. K=1 query state per rollout at index floor(u * 16), u ~ Beta(5, 2) (the low-noise end);
+  5. target: the routed teacher's velocity at that detached state (optionally CFG-guided with alpha);
+  6. loss: plain MSE between the student's (unguided) and the teacher's velocity; 7. clip 1.0, AdamW.
+For Euler transitions with shared Gaussian noise the KL between student and teacher transitions is
+proportional to |dt (v_student - v_teacher)|^2: MSE on the student's own states is on-policy reverse-KL.
+Ablations and baselines, each a flag: --mode=offpolicy (states from forward-noised data) | dense (all 16 states
+weighted by dt^2/2, DiffusionOPD), --routing=soft (average of all teachers), --query=median|high|low|uniform,
+--query_k=4, --cfg_alpha (CFG absorption); weight merging of the experts (`merge_weights`, a row of the table);
+joint SFT comes from `python train.py --task=joint` and joins the table through --compare=joint=PATH.
+No EMA (METHODS.md names none): the checkpoint's "ema" holds the merged student, so train.load_model finds it.
+Quick check: OMP_NUM_THREADS=1 python -m pytest -q tests/test_distill.py
+"""
+import copy
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import data
+from model import DiT, PRESETS, add_lora, lora_parameters, merge_lora, preset
+from sample import guided_velocity, interpolate, rollout, timesteps
+from train import Config as TrainConfig, train as train_sft
+from train import load_checkpoint, load_model, model_inputs, parse_config, save_checkpoint, setup, step_generator
+
+
+@dataclass
+class Config:
+    preset: str = "small"          # model preset (model.PRESETS): tiny | small | base
+    out: str = "out/danceopd"      # run directory: ckpt.pt (the merged student), log.jsonl
+    resume: bool = False           # continue out/ckpt.pt to `steps`
+    base: str = ""                 # the base = T2I teacher = student init ("" = out/<preset>/base/ckpt.pt)
+    experts: str = ""              # TASK=PATH,... of the other teachers (a task not named: out/<preset>/<task>/ckpt.pt)
+    base_steps: int = 3000         # train.py steps when the base is missing and must be built (README recipe)
+    base_batch: int = 64           # its batch: batch 32 had not learned layout after 2500 steps, 64 had by 3000
+    base_objects: int = 1          # objects per base T2I scene (0 = 1-3; the CPU preset learns one object)
+    expert_steps: int = 1000       # train.py steps per expert (SFT from the base) when one must be built
+    tasks: str = "t2i,local_edit,global_edit"  # the capabilities routed to, one teacher each
+    steps: int = 300               # distillation steps (paper: 3000; a CPU step costs ~18 forward passes)
+    stop_at: int = 0               # stop (and checkpoint) after this step, as an interrupted run would (0 = steps)
+    batch_size: int = 16           # rollouts per step, all from the routed task's bucket
+    lr: float = 1e-3               # AdamW learning rate, constant (paper: 2e-4 on a 100x wider model)
+    weight_decay: float = 0.0      # AdamW weight decay (paper: 0)
+    grad_clip: float = 1.0         # max global grad norm (paper: 1.0)
+    lora_rank: int = 32            # student LoRA rank (paper: 128 on a much wider model); 0 = full fine-tune
+    lora_scale: float = 1.0        # LoRA scale (alpha / r)
+    rollout_steps: int = 16        # Euler steps of the student rollout (and of evaluation)
+    query_k: int = 1               # query states per rollout, drawn independently (paper ablation: 1 vs 4 vs 16)
+    query: str = "beta"            # query position: beta = Beta(5,2) | median | high | low | uniform (QUERY below)
+    mode: str = "onpolicy"         # onpolicy | offpolicy (forward-noised data) | dense (all states, dt^2/2)
+    routing: str = "hard"          # hard (the routed teacher) | soft (average of all teachers)
+    cfg_alpha: float = 1.0         # CFG absorption: teacher guided with alpha, student unguided (1.0 = off)
+    log_every: int = 50            # steps between log lines (loss, field error on fixed probes)
+    ckpt_every: int = 500          # steps between checkpoints (and one at the end)
+    eval_n: int = 128              # test examples per task for the final table (0 = skip)
+    merged: bool = True            # also score the weight average of the teachers (weight-merging baseline)
+    compare: str = ""              # extra rows in the table: LABEL=PATH,... (e.g. joint SFT from train.py)
+    name: str = "danceopd"         # results/<name>.md and results/<name>.json
+    seed: int = 0                  # everything random is a function of (seed, step)
+    device: str = "auto"           # auto | cpu | cuda
+    compile: str = "auto"          # auto (= on for CUDA) | on | off
+    quiet: bool = False            # no progress bars
+
+
+# Query position u in [0, 1) -> state index floor(u * n). sample.timesteps runs from t=1 (noise) down to t=0, so
+# states[0] is pure noise and states[i] sits at t = 1 - i / n (shift 1): a LARGE index is a LOW-noise state.
+# Beta(5, 2) (mean 5/7) thus favours the low-noise end, as METHODS.md says ("biased toward the low-noise end");
+# it is the paper's "low-t" row. median = Beta(5, 5) and high = Beta(2, 5) (its mirror) are the median-t and
+# high-t ablations; low = always the last state before the final step (t = 1/n); uniform = Beta(1, 1).
+QUERY = {"beta": (5, 2), "median": (5, 5), "high": (2, 5), "uniform": (1, 1), "low": None}
+MODES, ROUTINGS = ("onpolicy", "offpolicy", "dense"), ("hard", "soft")
+
+
+def check_config(cfg):
+    """One-line errors for bad input, before any work."""
+    tasks = cfg.tasks.split(",")
+    bad = [t for t in tasks if t not in data.TASKS]
+    problems = [f"unknown task {bad[0]!r} (tasks: {', '.join(data.TASKS)})" if bad else "",
+                f"--tasks has a task twice: {cfg.tasks}" if len(set(tasks)) < len(tasks) else "",
+                f"unknown preset {cfg.preset!r} ({', '.join(PRESETS)})" if cfg.preset not in PRESETS else "",
+                f"--mode is one of {', '.join(MODES)}, not {cfg.mode!r}" if cfg.mode not in MODES else "",
+                f"--routing is hard or soft, not {cfg.routing!r}" if cfg.routing not in ROUTINGS else "",
+                f"--query is one of {', '.join(QUERY)}, not {cfg.query!r}" if cfg.query not in QUERY else "",
+                "--query_k, --rollout_steps, --batch_size and --steps must be >= 1"
+                if min(cfg.query_k, cfg.rollout_steps, cfg.batch_size, cfg.steps) < 1 else "",
+                "--lora_rank must be >= 0" if cfg.lora_rank < 0 else ""]
+    problems += [f"--experts/--compare take LABEL=PATH,..., not {item!r}" for item in
+                 (cfg.experts + "," + cfg.compare).split(",") if item and not item.partition("=")[2]]
+    if any(problems):
+        raise SystemExit(next(p for p in problems if p))
+    return tasks
+
+
+# ----------------------------------------------------------------------------- teachers and student
+def prerequisites(cfg, tasks):
+    """{task: teacher checkpoint} plus "base"; missing ones are built with train.py and cached under out/."""
+    root = os.path.join("out", cfg.preset)
+    named = dict(item.split("=", 1) for item in cfg.experts.split(",") if item)
+    paths = {"base": cfg.base or os.path.join(root, "base", "ckpt.pt")}
+    paths.update({t: paths["base"] if t == "t2i" else named.get(t, os.path.join(root, t, "ckpt.pt")) for t in tasks})
+    common = dict(preset=cfg.preset, seed=cfg.seed, device=cfg.device, compile=cfg.compile, quiet=cfg.quiet,
+                  eval_n=0)
+    for task in ["base"] + [t for t in tasks if t != "t2i"]:
+        path = paths[task]
+        if os.path.exists(path):
+            continue
+        if os.path.basename(path) != "ckpt.pt":
+            raise SystemExit(f"missing checkpoint {path}: only a .../ckpt.pt can be built")
+        what = "the base model (the T2I teacher)" if task == "base" else f"the {task} expert (SFT from the base)"
+        steps = cfg.base_steps if task == "base" else cfg.expert_steps
+        print(f"building {what}: {path}, {steps} steps")
+        extra = dict(task="t2i", batch_size=cfg.base_batch, n_objects=cfg.base_objects, grid_rate=0.0) \
+            if task == "base" else dict(task=task, init_from=paths["base"])
+        train_sft(TrainConfig(out=os.path.dirname(path), steps=steps, **common, **extra))
+    return paths
+
+
+def load_teacher(path, mcfg, task, device):
+    """A frozen teacher field: the checkpoint's EMA weights, eval(), requires_grad_(False)."""
+    ckpt = load_checkpoint(path, mcfg)
+    if task not in ckpt.get("tasks", []):
+        raise SystemExit(f"{path} was trained for {', '.join(ckpt.get('tasks', []))}, so it cannot teach {task}")
+    teacher = DiT(mcfg)
+    teacher.load_state_dict(ckpt["ema"])
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def make_student(base_state, mcfg, lora_rank, lora_scale, device):
+    """The base weights + LoRA on every block's Linear layers (only LoRA trains); lora_rank 0 = full fine-tune."""
+    student = DiT(mcfg)
+    student.load_state_dict(base_state)
+    if lora_rank:
+        add_lora(student, lora_rank, lora_scale)
+    return student.to(device).train()
+
+
+def merge_weights(state_dicts):
+    """The weight-merging baseline: the plain average of the teachers' weights (all fine-tuned from one base)."""
+    return {k: torch.stack([sd[k].float() for sd in state_dicts]).mean(0).to(state_dicts[0][k].dtype)
+            for k in state_dicts[0]}
+
+
+def merged_student(student):
+    """A plain DiT with every LoRA folded in: a standard checkpoint for train.load_model and evaluate.py."""
+    return merge_lora(copy.deepcopy(student)).eval()
+
+
+# ----------------------------------------------------------------------------- the method
+def get_batch(cfg, tasks, step, res, device):
+    """Step 1-2, hard routing: one task per step, uniform, drawn from (seed, step); the batch is its bucket."""
+    route = tasks[int(torch.randint(len(tasks), (1,), generator=step_generator(cfg.seed, step, salt=1)))]
+    return data.make_batch(route, cfg.batch_size, res, device, seed=cfg.seed * 1_000_003 + step)
+
+
+def query_index(gen, shape, n, position="beta"):
+    """State indices floor(u * n), u ~ Beta(a, b) of QUERY[position] (see the convention above QUERY).
+
+    Integer a, b: the a-th smallest of a + b - 1 uniforms is exactly Beta(a, b), and it can use `gen`."""
+    if QUERY[position] is None:
+        return torch.full(shape, n - 1, dtype=torch.long)
+    a, b = QUERY[position]
+    u = torch.rand(*shape, a + b - 1, generator=gen).sort(-1).values[..., a - 1]
+    return (u * n).long().clamp(max=n - 1)                                       # (*shape,) in 0..n-1
+
+
+def query_states(cfg, student, batch, gen):
+    """Steps 3-4: the states the teacher is asked about, detached, with their times, weights and inputs.
+
+    Returns x (N, 3, H, W), t (N,), w (N,) with N = B * K, and the model inputs repeated K times."""
+    inputs = model_inputs(batch)
+    B, n, device = len(batch.text), cfg.rollout_steps, batch.target.device
+    noise = torch.randn(batch.target.shape, generator=gen).to(device)             # (B, 3, H, W)
+    ts = timesteps(n, device=device)                                               # (n + 1,) from 1 to 0
+    if cfg.mode == "dense":  # DiffusionOPD: every state, weighted by dt^2 / 2 (the Gaussian-transition KL)
+        idx = torch.arange(n).expand(B, n)
+        w = ((ts[1:] - ts[:-1]) ** 2 / 2)[idx.to(device)]                          # (B, n)
+    else:
+        idx = query_index(gen, (B, cfg.query_k), n, cfg.query)
+        w = torch.full((B, cfg.query_k), 1 / cfg.query_k, device=device)         # plain mean over queries
+    idx = idx.to(device)
+    K, t = idx.shape[1], ts[idx]                                                   # (B, K)
+    if cfg.mode == "offpolicy":  # forward-noised dataset targets at the same times
+        x = interpolate(batch.target.repeat_interleave(K, 0), noise.repeat_interleave(K, 0), t.flatten())
+    else:
+        states, _, _ = rollout(student, noise, inputs, n)                          # (n, B, 3, H, W), no grad
+        x = states[idx, torch.arange(B, device=device)[:, None]].flatten(0, 1)     # (B K, 3, H, W)
+    inputs = {k: None if v is None else v.repeat_interleave(K, 0) for k, v in inputs.items()}
+    return x.detach(), t.flatten(), w.flatten(), inputs
+
+
+@torch.no_grad()
+def teacher_velocity(teachers, route, x, t, inputs, routing="hard", cfg_alpha=1.0):
+    """Step 5: the routed teacher's velocity (soft: the mean over all teachers), guided with cfg_alpha."""
+    fields = list(teachers.values()) if routing == "soft" else [teachers[route]]
+    return torch.stack([guided_velocity(m, x, t, inputs, cfg_alpha).float() for m in fields]).mean(0)
+
+
+def distill_loss(student, teachers, batch, cfg, gen):
+    """Steps 3-6 on one batch of the routed bucket: weighted MSE of student vs teacher velocity. (loss, logs)"""
+    x, t, w, inputs = query_states(cfg, student, batch, gen)
+    target = teacher_velocity(teachers, batch.task, x, t, inputs, cfg.routing, cfg.cfg_alpha)
+    v = student(x, t, **inputs)                                                    # unguided, (N, 3, H, W)
+    mse = (v.float() - target).square().mean((1, 2, 3))                            # (N,)
+    loss = (w * mse).sum() / len(batch.text)
+    return loss, dict(loss=loss.detach(), mse=mse.mean().detach())
+
+
+@torch.no_grad()
+def field_error(student, teacher, batch, noise, steps=16, cfg_alpha=1.0):
+    """Mean squared student-teacher velocity difference over every state of the student's own rollout."""
+    inputs = model_inputs(batch)
+    states, ts, _ = rollout(student, noise, inputs, steps)
+    err = [(student(x, ts[i].expand(len(x)), **inputs).float()
+            - guided_velocity(teacher, x, ts[i], inputs, cfg_alpha).float()).square().mean()
+           for i, x in enumerate(states)]
+    return torch.stack(err).mean()
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg):
+    tasks = check_config(cfg)
+    env = setup(cfg)
+    if env.world > 1:
+        raise SystemExit("distill_onpolicy.py runs in one process (no torchrun)")
+    paths = prerequisites(cfg, tasks)
+    mcfg = preset(cfg.preset, vocab_size=len(data.VOCAB), max_text_len=data.MAX_TOKENS)
+    base_ckpt = load_checkpoint(paths["base"], mcfg)
+    teachers = {task: load_teacher(paths[task], mcfg, task, env.device) for task in tasks}
+    torch.manual_seed(cfg.seed)  # the LoRA init; everything later draws from step_generator
+    student = make_student(base_ckpt["ema"], mcfg, cfg.lora_rank, cfg.lora_scale, env.device)
+    params = lora_parameters(student) if cfg.lora_rank else list(student.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=env.device.type == "cuda")
+    ckpt_path, start = os.path.join(cfg.out, "ckpt.pt"), 0
+    if cfg.resume:
+        ck = load_checkpoint(ckpt_path, mcfg)
+        rank = ck.get("config", {}).get("lora_rank") if "student" in ck else "no student"
+        if rank != cfg.lora_rank:
+            raise SystemExit(f"{ckpt_path} is not a run of this script with --lora_rank={cfg.lora_rank} ({rank})")
+        student.load_state_dict(ck["student"]), opt.load_state_dict(ck["opt"])
+        start = ck["step"]
+    elif os.path.exists(ckpt_path):
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+    # compiled modules for the hot loop; save, merge and evaluate from the plain ones
+    train_student = torch.compile(student) if env.compile else student
+    fields = {k: torch.compile(m) if env.compile else m for k, m in teachers.items()}
+    res, n_probe = mcfg.image_size, min(16, cfg.batch_size)
+    probes = {task: (data.make_batch(task, n_probe, res, env.device, seed=10_000, split="test"),
+                     torch.randn(n_probe, 3, res, res, generator=torch.Generator().manual_seed(10_000)).to(env.device))
+              for task in tasks}  # fixed conditions and noise for the field error in the log
+
+    def save(step):  # model = ema = the merged student (a standard checkpoint); student + opt for --resume
+        merged = merged_student(student).state_dict()
+        save_checkpoint(ckpt_path, model=merged, ema=merged, student=student.state_dict(), opt=opt.state_dict(),
+                        step=step, tasks=sorted(set(base_ckpt.get("tasks", [])) | set(tasks)),
+                        config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg))
+
+    os.makedirs(cfg.out, exist_ok=True)
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a")
+    if start == 0:
+        print(f"DanceOPD on {env.device}: preset {cfg.preset}, teachers {', '.join(tasks)}, {cfg.mode} {cfg.routing}, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {cfg.steps} steps")
+    end = cfg.stop_at or cfg.steps
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=cfg.quiet)
+    t0 = time.time()
+    for step in bar:
+        # checkpoint
+        if step > start and step % cfg.ckpt_every == 0:
+            save(step)
+        # batch: hard routing picks the bucket
+        batch = get_batch(cfg, tasks, step, res, env.device)
+        # forward under ctx (rollout without grad inside), backward, clip, step
+        with env.ctx:
+            loss, logs = distill_loss(train_student, fields, batch, cfg, step_generator(cfg.seed, step))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        # log (the only host sync)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            with env.ctx:
+                fe = {t: field_error(student, teachers[t], *probes[t], cfg.rollout_steps, cfg.cfg_alpha).item()
+                      for t in tasks}
+            row = dict(step=step + 1, task=batch.task, loss=logs["loss"].item(), mse=logs["mse"].item(),
+                       grad_norm=grad_norm.item(), field_error=fe, minutes=(time.time() - t0) / 60)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            log.write(json.dumps(row) + "\n"), log.flush()
+    save(end)
+    if end == cfg.steps and cfg.eval_n:
+        results = evaluate_all(cfg, tasks, merged_student(student), teachers, paths, env.device)
+        log.write(json.dumps(dict(step=cfg.steps, eval=results)) + "\n")
+    log.close()
+    return ckpt_path
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_all(cfg, tasks, student, teachers, paths, device):
+    """Score the student, every teacher, the merged teachers and --compare checkpoints on every task (same
+    seeds, exact scorer); print and write results/<name>.md and .json. Returns {label: {task: metrics}}."""
+    from evaluate import evaluate_task  # imported here: evaluate.py builds on train.py, as this file does
+    models = {cfg.name: (student, 1.0)}  # label -> (model, CFG scale); teachers at the alpha they taught with
+    for task, teacher in teachers.items():
+        models.setdefault("base (t2i teacher)" if task == "t2i" else f"{task} teacher", (teacher, cfg.cfg_alpha))
+    if cfg.merged and len(teachers) > 1:
+        merged = copy.deepcopy(next(iter(teachers.values())))
+        merged.load_state_dict(merge_weights([m.state_dict() for m in teachers.values()]))
+        models["merged teachers"] = (merged, 1.0)
+    for item in filter(None, cfg.compare.split(",")):
+        label, _, path = item.partition("=")
+        models[label] = (load_model(path, device)[0], 1.0)
+    res, results = student.config.image_size, {}
+    for label, (model, scale) in tqdm(models.items(), desc="evaluate", disable=cfg.quiet):
+        results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, steps=cfg.rollout_steps,
+                                           cfg_scale=scale) for t in tasks}
+        results[label]["average"] = {"success": sum(results[label][t]["success"] for t in tasks) / len(tasks)}
+    columns = tasks + ["average"]
+    lines = [f"Exact-scorer success of the DanceOPD student and its references, {cfg.eval_n} test examples per task, "
+             f"{cfg.rollout_steps} Euler steps; student unguided, teachers at CFG {cfg.cfg_alpha}. "
+             f"Student: {cfg.mode}, {cfg.routing} routing, query {cfg.query} K={cfg.query_k}, {cfg.steps} steps.", "",
+             "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(f"{r[c]['success']:.3f}" for c in columns) + " |"
+              for label, r in results.items()]
+    os.makedirs("results", exist_ok=True)
+    with open(f"results/{cfg.name}.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(f"results/{cfg.name}.json", "w") as f:
+        json.dump(dict(config=dataclasses.asdict(cfg), teachers=paths, results=results), f, indent=1)
+    print("\n".join(lines) + f"\nwrote results/{cfg.name}.md and results/{cfg.name}.json")
+    return results
+
+
+if __name__ == "__main__":
+    train(parse_config(Config()))

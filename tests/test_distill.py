@@ -1,0 +1,259 @@
+"""DanceOPD (distill_onpolicy.py): stop-gradient, frozen teachers, hard routing, the Beta(5, 2) query, zero loss at
+the teacher, on-policy beats off-policy on the student's own states, and the script end to end."""
+import copy
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import distill_onpolicy as opd
+import sample
+import train
+from model import DiT, lora_parameters, preset
+
+MCFG = preset("tiny", vocab_size=len(data.VOCAB), max_text_len=data.MAX_TOKENS)
+TASKS = ["t2i", "local_edit", "global_edit"]
+
+
+def random_field(seed, scale=0.02, init=None):
+    """A tiny DiT whose velocity field is not zero: every weight (zero-inits included) plus Gaussian noise."""
+    torch.manual_seed(0)
+    model = DiT(MCFG) if init is None else copy.deepcopy(init)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def frozen(model):
+    return model.eval().requires_grad_(False)
+
+
+def config(**kw):
+    return opd.Config(**{**dict(preset="tiny", batch_size=4, lora_rank=0), **kw})
+
+
+def grads(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def test_rollout_has_no_grad_and_the_query_is_detached():
+    student, teacher = random_field(1), frozen(random_field(2))
+    cfg = config(tasks="t2i")
+    batch = opd.get_batch(cfg, ["t2i"], 0, 32, "cpu")
+    states, _, _ = sample.rollout(student, torch.randn(4, 3, 32, 32), train.model_inputs(batch), 16)
+    assert not states.requires_grad
+    x, t, w, inputs = opd.query_states(cfg, student, batch, train.step_generator(0, 0))
+    assert not x.requires_grad and x.grad_fn is None and x.shape == (4, 3, 32, 32)
+    # the loss's gradient is exactly that of MSE at a constant state ...
+    opd.distill_loss(student, {"t2i": teacher}, batch, cfg, train.step_generator(0, 0))[0].backward()
+    g_opd = grads(student)
+    student.zero_grad()
+    ((student(x, t, **inputs) - teacher(x, t, **inputs)).square().mean((1, 2, 3)) * w).sum().div(4).backward()
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g_opd, grads(student)))
+    # ... and differs from the gradient through the trajectory, so the check above has teeth
+    student.zero_grad()
+    noise = torch.randn(batch.target.shape, generator=train.step_generator(0, 0))  # query_states' first draw
+    idx, ts, xt, states = ((1 - t) * 16).round().long(), sample.timesteps(16), noise, []
+    for i in range(16):  # a leaky rollout: the same Euler steps with the graph kept
+        states.append(xt)
+        xt = xt + (ts[i + 1] - ts[i]) * student(xt, ts[i].expand(4), **train.model_inputs(batch))
+    x_leak = torch.stack(states)[idx, torch.arange(4)]
+    torch.testing.assert_close(x_leak.detach(), x)
+    ((student(x_leak, t, **inputs) - teacher(x, t, **inputs)).square().mean((1, 2, 3)) * w).sum().div(4).backward()
+    assert max((a - b).abs().max().item() for a, b in zip(g_opd, grads(student))) > 1e-4
+
+
+def test_teachers_stay_frozen_and_only_lora_moves(tmp_path):
+    teachers = {}
+    for i, task in enumerate(TASKS):  # through the script's own loader, from checkpoints
+        path = str(tmp_path / f"{task}.pt")
+        train.save_checkpoint(path, ema=random_field(i + 2).state_dict(), tasks=[task],
+                              model_config=dataclasses.asdict(MCFG))
+        teachers[task] = opd.load_teacher(path, MCFG, task, "cpu")
+    before = {t: copy.deepcopy(m.state_dict()) for t, m in teachers.items()}
+    base = random_field(1)
+    student = opd.make_student(base.state_dict(), MCFG, 4, 1.0, "cpu")
+    opt = torch.optim.AdamW(lora_parameters(student), lr=1e-2)
+    cfg = config(lora_rank=4, routing="soft")  # soft: every teacher is queried every step
+    for step in range(3):
+        batch = opd.get_batch(cfg, TASKS, step, 32, "cpu")
+        loss, _ = opd.distill_loss(student, teachers, batch, cfg, train.step_generator(0, step))
+        loss.backward()
+        opt.step(), opt.zero_grad()
+    for t, m in teachers.items():
+        assert all(p.grad is None and not p.requires_grad for p in m.parameters())
+        assert all(torch.equal(v, before[t][k]) for k, v in m.state_dict().items())
+    base_sd = base.state_dict()  # the base weights, under the LoRA or not, did not move
+    assert all(torch.equal(v, base_sd[k.replace(".base.", ".")]) for k, v in student.state_dict().items()
+               if "lora_" not in k)
+    merged = opd.merged_student(student)
+    assert any(not torch.equal(v, base.state_dict()[k]) for k, v in merged.state_dict().items())  # LoRA did
+
+
+class Recorder(nn.Module):
+    """Wraps a field and records the task ids it is asked about, one entry per call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, t, task, tokens, cond=None, ref=None):
+        self.calls.append(sorted(set(task.tolist())))
+        return self.model(x, t, task, tokens, cond, ref)
+
+
+@pytest.mark.parametrize("routing", ["hard", "soft"])
+def test_hard_routing_asks_exactly_the_routed_teacher(routing):
+    field, student = frozen(random_field(2)), random_field(1)
+    teachers = {t: Recorder(field) for t in TASKS}
+    cfg = config(routing=routing)
+    routes = []
+    for step in range(6):
+        batch = opd.get_batch(cfg, TASKS, step, 32, "cpu")
+        assert batch.task == opd.get_batch(cfg, TASKS, step, 32, "cpu").task  # deterministic, resumable
+        opd.distill_loss(student, teachers, batch, cfg, train.step_generator(0, step))
+        called = {t for t, r in teachers.items() if r.calls}
+        assert called == ({batch.task} if routing == "hard" else set(TASKS))
+        assert all(r.calls == [[data.TASKS.index(batch.task)]] for t, r in teachers.items() if t in called)
+        routes.append(batch.task)
+        for r in teachers.values():
+            r.calls.clear()
+    assert len(set(routes)) > 1
+    cfg = config(batch_size=1)  # the route is uniform over the capabilities
+    counts = [opd.get_batch(cfg, TASKS, s, 32, "cpu").task for s in range(300)]
+    assert all(60 < counts.count(t) < 140 for t in TASKS)
+
+
+def beta_cdf(x, a, b):
+    """Regularised incomplete beta for integer a, b: P(at least a of a + b - 1 uniforms are <= x)."""
+    m = a + b - 1
+    return sum(math.comb(m, j) * x ** j * (1 - x) ** (m - j) for j in range(a, m + 1))
+
+
+def chi_square(idx, probs):
+    """Pearson's statistic with bins merged from each end until every expected count is >= 5; and its dof."""
+    n, counts = len(idx), torch.bincount(idx, minlength=len(probs)).double().tolist()
+    obs, exp, o, e = [], [], 0.0, 0.0
+    for c, p in zip(counts, probs):
+        o, e = o + c, e + n * p
+        if e >= 5:
+            obs.append(o), exp.append(e)
+            o = e = 0.0
+    obs[-1], exp[-1] = obs[-1] + o, exp[-1] + e
+    return sum((o - e) ** 2 / e for o, e in zip(obs, exp)), len(obs) - 1
+
+
+def critical(dof, z=3.09):
+    """The chi-square quantile at p = 0.001 (Wilson-Hilferty; z is the normal 0.999 quantile)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.parametrize("position,ab", [("beta", (5, 2)), ("high", (2, 5)), ("median", (5, 5))])
+def test_query_index_follows_the_discrete_beta(position, ab):
+    n = 16
+    idx = opd.query_index(torch.Generator().manual_seed(0), (50_000,), n, position)
+    probs = [beta_cdf((i + 1) / n, *ab) - beta_cdf(i / n, *ab) for i in range(n)]  # P(floor(u n) = i)
+    stat, dof = chi_square(idx, probs)
+    assert stat < critical(dof), (stat, dof)
+    flipped, _ = chi_square(n - 1 - idx, probs)  # the other end of the schedule: the test must reject it
+    assert position == "median" or flipped > 100 * critical(dof)
+    if position == "beta":  # METHODS.md: biased toward the low-noise end (timesteps run from t=1 down to 0)
+        t = sample.timesteps(n)[idx]
+        assert t.mean() < 0.35 and (t <= 0.5).float().mean() > 0.85
+    assert torch.equal(idx, opd.query_index(torch.Generator().manual_seed(0), (50_000,), n, position))
+
+
+@pytest.mark.parametrize("mode", ["onpolicy", "offpolicy", "dense"])
+def test_loss_is_zero_when_the_student_is_the_teacher(mode):
+    teacher = frozen(random_field(2))
+    student = opd.make_student(teacher.state_dict(), MCFG, 0, 1.0, "cpu")
+    cfg = config(mode=mode, query_k=2)
+    batch = opd.get_batch(cfg, ["local_edit"], 0, 32, "cpu")
+    loss, _ = opd.distill_loss(student, {"local_edit": teacher}, batch, cfg, train.step_generator(0, 0))
+    loss.backward()
+    assert loss.item() == 0 and all(g.abs().max() == 0 for g in grads(student))
+    probe_noise = torch.randn(batch.target.shape)
+    assert opd.field_error(student, teacher, batch, probe_noise).item() == 0
+    other = frozen(random_field(3))
+    assert opd.distill_loss(student, {"local_edit": other}, batch, cfg, train.step_generator(0, 0))[0] > 1e-4
+    guided = config(mode=mode, cfg_alpha=3.0)  # CFG absorption: the guided teacher is not the plain student
+    assert opd.distill_loss(student, {"local_edit": teacher}, batch, guided, train.step_generator(0, 0))[0] > 0
+
+
+def test_field_error_falls_faster_on_policy_than_off_policy():
+    """Full fine-tune of a random field toward another, 20 steps of batch 8 each way, measured on the student's own
+    rollouts from fixed test conditions. Measured: 0.0309 -> 0.0023 on-policy, 0.0309 -> 0.0098 off-policy."""
+    base, teacher = random_field(1), frozen(random_field(2, init=random_field(1)))
+    probe = data.make_batch("t2i", 8, 32, seed=5, split="test")
+    noise = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    final = {}
+    for mode in ("onpolicy", "offpolicy"):
+        cfg = config(mode=mode, tasks="t2i", batch_size=8, lr=1e-3)
+        student = opd.make_student(base.state_dict(), MCFG, 0, 1.0, "cpu")
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0)
+        start = opd.field_error(student, teacher, probe, noise).item()
+        for step in range(20):
+            batch = opd.get_batch(cfg, ["t2i"], step, 32, "cpu")
+            loss, _ = opd.distill_loss(student, {"t2i": teacher}, batch, cfg, train.step_generator(0, step))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            opt.step(), opt.zero_grad()
+        final[mode] = opd.field_error(student, teacher, probe, noise).item()
+        print(f"field error {mode}: {start:.4f} -> {final[mode]:.4f}")
+        assert final[mode] < 0.8 * start
+    assert final["onpolicy"] < 0.5 * final["offpolicy"], final
+
+
+def test_merge_weights_is_the_average():
+    a, b = random_field(1).state_dict(), random_field(2).state_dict()
+    m = opd.merge_weights([a, b])
+    assert all(torch.allclose(m[k], (a[k] + b[k]) / 2) for k in a)
+
+
+def run(args):
+    return opd.train(train.parse_config(opd.Config(), args))
+
+
+def test_end_to_end_resume_and_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # results/ is written to the working directory, as evaluate.py does
+    teach = tmp_path / "teachers"
+    common = ["--preset=tiny", f"--base={teach}/base/ckpt.pt", "--base_steps=2", "--base_batch=4", "--expert_steps=1",
+              f"--experts=local_edit={teach}/local/ckpt.pt", "--batch_size=4", "--lora_rank=4", "--quiet",
+              "--log_every=2", "--steps=4"]
+    ckpt = run(common + [f"--out={tmp_path}/a", "--eval_n=4", f"--compare=again={teach}/base/ckpt.pt"])
+    out = capsys.readouterr().out
+    assert all(f"building the {w}" in out for w in ("base model", "local_edit expert", "global_edit expert"))
+    assert os.path.exists(f"{teach}/local/ckpt.pt") and os.path.exists("out/tiny/global_edit/ckpt.pt")
+    model, ck = train.load_model(ckpt)  # a standard checkpoint: merged LoRA, plain DiT keys
+    assert ck["tasks"] == sorted(TASKS) and not any("lora" in k for k in ck["ema"])
+    res = json.load(open("results/danceopd.json"))["results"]
+    assert set(res) == {"danceopd", "base (t2i teacher)", "local_edit teacher", "global_edit teacher",
+                        "merged teachers", "again"}
+    assert all(0 <= r[c]["success"] <= 1 for r in res.values() for c in TASKS + ["average"])
+    assert "| danceopd |" in open("results/danceopd.md").read()
+    rows = [json.loads(line) for line in open(f"{tmp_path}/a/log.jsonl")]
+    assert [r["step"] for r in rows] == [2, 4, 4] and set(rows[0]["field_error"]) == set(TASKS)
+    # cached teachers are reused; an interrupted + resumed run equals the uninterrupted one bitwise
+    run(common + [f"--out={tmp_path}/b", "--eval_n=0", "--stop_at=2"])
+    run(common + [f"--out={tmp_path}/b", "--eval_n=0", "--resume"])
+    assert "building" not in capsys.readouterr().out
+    a, b = (torch.load(f"{tmp_path}/{r}/ckpt.pt", weights_only=True) for r in "ab")
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a[key][k], b[key][k]) for key in ("student", "ema") for k in a[key])
+    with pytest.raises(SystemExit, match="exists: pass --resume"):
+        run(common + [f"--out={tmp_path}/a"])
+    with pytest.raises(SystemExit, match="--mode is one of"):
+        run(common + ["--mode=sideways"])
+    with pytest.raises(SystemExit, match="unknown task 'paint'"):
+        run(common + ["--tasks=t2i,paint"])
+    with pytest.raises(SystemExit, match="take LABEL=PATH"):
+        run(common + ["--compare=nolabel"])
+    with pytest.raises(SystemExit, match="unknown option '--quer=low'"):
+        run(common + ["--quer=low"])
