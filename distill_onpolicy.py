@@ -49,7 +49,7 @@ class Config:
     experts: str = ""              # TASK=PATH,... of the other teachers (a task not named: out/<preset>/<task>/ckpt.pt)
     base_steps: int = 3000         # train.py steps when the base is missing and must be built (README recipe)
     base_batch: int = 64           # its batch: batch 32 had not learned layout after 2500 steps, 64 had by 3000
-    base_objects: int = 1          # objects per base T2I scene (0 = 1-3; the CPU preset learns one object)
+    base_objects: int = 1          # objects per T2I scene: the base's data, the t2i bucket, evaluation (0 = 1-3)
     expert_steps: int = 1000       # train.py steps per expert (SFT from the base) when one must be built
     tasks: str = "t2i,local_edit,global_edit"  # the capabilities routed to, one teacher each
     steps: int = 300               # distillation steps (paper: 3000; a CPU step costs ~18 forward passes)
@@ -165,7 +165,8 @@ def merged_student(student):
 def get_batch(cfg, tasks, step, res, device):
     """Step 1-2, hard routing: one task per step, uniform, drawn from (seed, step); the batch is its bucket."""
     route = tasks[int(torch.randint(len(tasks), (1,), generator=step_generator(cfg.seed, step, salt=1)))]
-    return data.make_batch(route, cfg.batch_size, res, device, seed=cfg.seed * 1_000_003 + step)
+    return data.make_batch(route, cfg.batch_size, res, device, seed=cfg.seed * 1_000_003 + step,
+                           n_objects=cfg.base_objects or None)  # the teacher's T2I world (edits: unaffected)
 
 
 def query_index(gen, shape, n, position="beta"):
@@ -260,7 +261,8 @@ def train(cfg):
     train_student = torch.compile(student) if env.compile else student
     fields = {k: torch.compile(m) if env.compile else m for k, m in teachers.items()}
     res, n_probe = mcfg.image_size, min(16, cfg.batch_size)
-    probes = {task: (data.make_batch(task, n_probe, res, env.device, seed=10_000, split="test"),
+    probes = {task: (data.make_batch(task, n_probe, res, env.device, seed=10_000, split="test",
+                                     n_objects=cfg.base_objects or None),
                      torch.randn(n_probe, 3, res, res, generator=torch.Generator().manual_seed(10_000)).to(env.device))
               for task in tasks}  # fixed conditions and noise for the field error in the log
 
@@ -326,13 +328,15 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
         models[label] = (load_model(path, device)[0], 1.0)
     res, results = student.config.image_size, {}
     for label, (model, scale) in tqdm(models.items(), desc="evaluate", disable=cfg.quiet):
-        results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, steps=cfg.rollout_steps,
-                                           cfg_scale=scale) for t in tasks}
+        results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, n_objects=cfg.base_objects or None,
+                                           steps=cfg.rollout_steps, cfg_scale=scale) for t in tasks}
         results[label]["average"] = {"success": sum(results[label][t]["success"] for t in tasks) / len(tasks)}
     columns = tasks + ["average"]
     lines = [f"Exact-scorer success of the DanceOPD student and its references, {cfg.eval_n} test examples per task, "
-             f"{cfg.rollout_steps} Euler steps; student unguided, teachers at CFG {cfg.cfg_alpha}. "
-             f"Student: {cfg.mode}, {cfg.routing} routing, query {cfg.query} K={cfg.query_k}, {cfg.steps} steps.", "",
+             f"{cfg.rollout_steps} Euler steps, t2i scenes of {cfg.base_objects or '1-3'} object(s); student unguided, "
+             f"teachers at CFG {cfg.cfg_alpha}. "
+             f"Student: {cfg.mode}, {cfg.routing} routing, query {cfg.query} K={cfg.query_k}, {cfg.steps} steps. "
+             f"Command: `{f'python distill_onpolicy.py {command_args(cfg)}'.strip()}`", "",
              "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {label} | " + " | ".join(f"{r[c]['success']:.3f}" for c in columns) + " |"
               for label, r in results.items()]
@@ -343,6 +347,12 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
         json.dump(dict(config=dataclasses.asdict(cfg), teachers=paths, results=results), f, indent=1)
     print("\n".join(lines) + f"\nwrote results/{cfg.name}.md and results/{cfg.name}.json")
     return results
+
+
+def command_args(cfg):
+    """The --key=value flags of `cfg` that differ from the defaults: the command that reproduces a run."""
+    default = Config()
+    return " ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if getattr(default, k) != v)
 
 
 if __name__ == "__main__":
