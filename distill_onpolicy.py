@@ -7,7 +7,8 @@
 
 Zhou et al. 2026, "DanceOPD: On-Policy Generative Field Distillation" (METHODS.md section 1). Each capability
 has a frozen teacher velocity field: the T2I teacher is the base model itself, an edit teacher is the base
-fine-tuned on its own pairs (train.py). The student starts as the base + LoRA. One optimizer step:
+fine-tuned on its own pairs (train.py). The student starts as the base + LoRA; the source-image input and task
+embeddings, which the T2I base never trained, train in full. One optimizer step:
   1. hard routing: one capability m per step, uniform; the whole batch comes from m's data bucket;
   2. its conditions c (caption; for edits the source image) from data.make_batch;
   3. roll out the current student with no gradient: Euler, 16 steps, the state before each step;
@@ -34,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import DiT, PRESETS, add_lora, lora_parameters, merge_lora, preset
+from model import DiT, PRESETS, add_lora, merge_lora, preset
 from sample import guided_velocity, interpolate, rollout, timesteps
 from train import Config as TrainConfig, train as train_sft
 from train import load_checkpoint, load_model, model_inputs, parse_config, save_checkpoint, setup, step_generator
@@ -85,6 +86,7 @@ class Config:
 # high-t ablations; low = always the last state before the final step (t = 1/n); uniform = Beta(1, 1).
 QUERY = {"beta": (5, 2), "median": (5, 5), "high": (2, 5), "uniform": (1, 1), "low": None}
 MODES, ROUTINGS = ("onpolicy", "offpolicy", "dense"), ("hard", "soft")
+ATTRIBUTES = ("shape", "color", "size", "cell", "line", "count", "horizon", "sky", "ground")  # scorer's per-attribute
 
 
 def check_config(cfg):
@@ -141,12 +143,18 @@ def load_teacher(path, mcfg, task, device):
     return teacher.to(device).eval().requires_grad_(False)
 
 
+# Kept fully trainable beside the LoRA: the T2I base never trained its source-image input (cond_embedder, zero at
+# init) nor the edit tasks' embeddings, so with LoRA alone the student could not even see what it is asked to edit.
+STUDENT_TRAINABLE = ("cond_embedder", "task_embedder")
+
+
 def make_student(base_state, mcfg, lora_rank, lora_scale, device):
-    """The base weights + LoRA on every block's Linear layers (only LoRA trains); lora_rank 0 = full fine-tune."""
+    """The base weights + LoRA on every block's Linear layers, plus the condition input and task embeddings
+    (STUDENT_TRAINABLE); everything else frozen. lora_rank 0 = full fine-tune."""
     student = DiT(mcfg)
     student.load_state_dict(base_state)
     if lora_rank:
-        add_lora(student, lora_rank, lora_scale)
+        add_lora(student, lora_rank, lora_scale, trainable=STUDENT_TRAINABLE)
     return student.to(device).train()
 
 
@@ -245,7 +253,7 @@ def train(cfg):
     teachers = {task: load_teacher(paths[task], mcfg, task, env.device) for task in tasks}
     torch.manual_seed(cfg.seed)  # the LoRA init; everything later draws from step_generator
     student = make_student(base_ckpt["ema"], mcfg, cfg.lora_rank, cfg.lora_scale, env.device)
-    params = lora_parameters(student) if cfg.lora_rank else list(student.parameters())
+    params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=env.device.type == "cuda")
     ckpt_path, start = os.path.join(cfg.out, "ckpt.pt"), 0
     if cfg.resume:
@@ -330,15 +338,19 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
     for label, (model, scale) in tqdm(models.items(), desc="evaluate", disable=cfg.quiet):
         results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, n_objects=cfg.base_objects or None,
                                            steps=cfg.rollout_steps, cfg_scale=scale) for t in tasks}
-        results[label]["average"] = {"success": sum(results[label][t]["success"] for t in tasks) / len(tasks)}
+        for r in results[label].values():  # a graded companion to the all-or-nothing success
+            r["attributes"] = sum(r[k] for k in ATTRIBUTES if k in r) / sum(k in r for k in ATTRIBUTES)
+        results[label]["average"] = {k: sum(results[label][t][k] for t in tasks) / len(tasks)
+                                     for k in ("success", "attributes")}
     columns = tasks + ["average"]
-    lines = [f"Exact-scorer success of the DanceOPD student and its references, {cfg.eval_n} test examples per task, "
+    lines = [f"Exact-scorer success / mean attribute accuracy of the DanceOPD student and its references, "
+             f"{cfg.eval_n} test examples per task, "
              f"{cfg.rollout_steps} Euler steps, t2i scenes of {cfg.base_objects or '1-3'} object(s); student unguided, "
              f"teachers at CFG {cfg.cfg_alpha}. "
              f"Student: {cfg.mode}, {cfg.routing} routing, query {cfg.query} K={cfg.query_k}, {cfg.steps} steps. "
              f"Command: `{f'python distill_onpolicy.py {command_args(cfg)}'.strip()}`", "",
              "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {label} | " + " | ".join(f"{r[c]['success']:.3f}" for c in columns) + " |"
+    lines += [f"| {label} | " + " | ".join(f"{r[c]['success']:.3f} / {r[c]['attributes']:.3f}" for c in columns) + " |"
               for label, r in results.items()]
     os.makedirs("results", exist_ok=True)
     with open(f"results/{cfg.name}.md", "w") as f:

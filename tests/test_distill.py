@@ -80,7 +80,9 @@ def test_teachers_stay_frozen_and_only_lora_moves(tmp_path):
     before = {t: copy.deepcopy(m.state_dict()) for t, m in teachers.items()}
     base = random_field(1)
     student = opd.make_student(base.state_dict(), MCFG, 4, 1.0, "cpu")
-    opt = torch.optim.AdamW(lora_parameters(student), lr=1e-2)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    assert {id(p) for p in lora_parameters(student)} < {id(p) for p in trainable}  # LoRA + the condition input
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
     cfg = config(lora_rank=4, routing="soft")  # soft: every teacher is queried every step
     for step in range(3):
         batch = opd.get_batch(cfg, TASKS, step, 32, "cpu")
@@ -90,9 +92,12 @@ def test_teachers_stay_frozen_and_only_lora_moves(tmp_path):
     for t, m in teachers.items():
         assert all(p.grad is None and not p.requires_grad for p in m.parameters())
         assert all(torch.equal(v, before[t][k]) for k, v in m.state_dict().items())
-    base_sd = base.state_dict()  # the base weights, under the LoRA or not, did not move
+    base_sd = base.state_dict()  # the base weights, under the LoRA or not, did not move ...
     assert all(torch.equal(v, base_sd[k.replace(".base.", ".")]) for k, v in student.state_dict().items()
-               if "lora_" not in k)
+               if "lora_" not in k and not k.startswith(opd.STUDENT_TRAINABLE))
+    moved = {k.split(".")[0] for k, v in student.state_dict().items()  # ... except the condition input
+             if "lora_" not in k and not torch.equal(v, base_sd[k.replace(".base.", ".")])}
+    assert moved == set(opd.STUDENT_TRAINABLE)
     merged = opd.merged_student(student)
     assert any(not torch.equal(v, base.state_dict()[k]) for k, v in merged.state_dict().items())  # LoRA did
 
