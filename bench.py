@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import data
+import world
 import distill_onpolicy as opd
 import train
 from model import PRESETS, DiT, count_params, preset
@@ -247,7 +248,7 @@ def main(cfg):
     if cfg.task not in data.TASKS or cfg.preset not in PRESETS:
         raise SystemExit(f"unknown task {cfg.task!r} (tasks: {', '.join(data.TASKS)})" if cfg.task not in data.TASKS
                          else f"unknown preset {cfg.preset!r} ({', '.join(PRESETS)})")
-    mcfg = preset(cfg.preset, vocab_size=len(data.VOCAB), max_text_len=data.MAX_TOKENS)
+    mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
     dcfg = opd.Config(preset=cfg.preset, batch_size=cfg.batch_size, rollout_steps=cfg.rollout_steps,
                       lora_rank=cfg.lora_rank, seed=cfg.seed)
     cuda = env.device.type == "cuda"

@@ -1,10 +1,7 @@
-"""The synthetic world: scene specs, renderer, captions and instructions, task pairs, VQA, and your own data.
+"""The tasks of the synthetic world: condition -> target batches, yes/no questions, and your own data.
 
-Every image in this project comes from a `Scene` spec, so every result can be measured exactly: scorer.py parses
-generated pixels back into attributes and compares them with the spec. The world is small on purpose (four
-shapes, eight colours, two sizes, a 3x3 grid, 1-3 objects, backgrounds with an optional horizon, outlines) and
-built so that parsing is unambiguous: objects never sit in neighbouring cells, object colours are saturated and
-background colours are not, sky and ground are both light or both dark, and outlines contrast with them.
+world.py holds the world itself (scene specs, renderer, captions); this file turns random scenes into training
+and test examples with exact specs, so that scorer.py can measure every generated image.
 
 Tasks (each a batch of condition -> target with its spec, see `make_batch`):
   t2i          caption -> image; includes "a grid of four images of the same <subject>" (2x2 panels,
@@ -21,7 +18,6 @@ Image convention everywhere: float tensors in [-1, 1], (B, 3, H, W); masks (B, 1
 """
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -31,56 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-# ----------------------------------------------------------------------------- the world's vocabulary
-SHAPES = ("circle", "square", "triangle", "diamond")
-# Object colours: eight hues 45 degrees apart at full saturation, so hue shift and invert stay in the palette.
-COLORS = {"red": (1, 0, 0), "yellow": (1, .75, 0), "lime": (.5, 1, 0), "green": (0, 1, .25),
-          "cyan": (0, 1, 1), "blue": (0, .25, 1), "purple": (.5, 0, 1), "pink": (1, 0, .75)}
-# Background colours: unsaturated, closed under invert (white<->black, silver<->gray, sand<->navy).
-BACKGROUNDS = {"white": (.92, .92, .92), "silver": (.69, .69, .69), "sand": (.88, .8, .59),
-               "black": (.08, .08, .08), "gray": (.31, .31, .31), "navy": (.12, .2, .41)}
-LIGHT = ("white", "silver", "sand")  # a light background gets black outlines, a dark one white outlines
-SIZES = {"small": .14, "large": .2}  # circumradius as a fraction of the image side
-LINES = (0, 1, 2)  # outline width in pixels at 32 px (scales with resolution)
-HORIZONS = {"none": None, "high": .25, "middle": .5, "low": .75}  # horizon row as a fraction from the top
-PATTERNS = ("split", "banded", "dotted")  # how a subject's second colour is laid out
-CENTERS = (.2, .5, .8)  # object centre of each grid column / row
-CELLS = ("top left", "top center", "top right", "middle left", "center", "middle right",
-         "bottom left", "bottom center", "bottom right")
-TONES = ("normal", "gray", "dark")
-WARM, COOL = ("red", "yellow", "pink"), ("green", "cyan", "blue")
+from world import (BACKGROUNDS, CELLS, CENTERS, COLORS, COOL, LIGHT, LINES, PATTERNS, SHAPES, SIZES, WARM, Grid,
+                   Scene, allowed, caption, describe, describe_background, free_cells, luma, pick, render,
+                   sample_background, sample_object, sample_scene, tokenize)
+
 TASKS = ("t2i", "local_edit", "global_edit", "inpaint", "outpaint", "customize")
-# Held-out colour-shape pairs: never drawn in the train/test splits, always in the "heldout" split.
-HELDOUT = {("red", "triangle"), ("blue", "circle"), ("lime", "diamond"), ("pink", "square")}
-
-
-@dataclass
-class Obj:
-    shape: str
-    color: str
-    size: str
-    cell: int  # 0..8, row-major
-    line: int = 0
-    color2: str | None = None  # subjects only: second colour
-    pattern: str | None = None  # subjects only: split | banded | dotted
-
-    def subject(self):
-        return (self.shape, self.color, self.color2, self.pattern)
-
-
-@dataclass
-class Scene:
-    objects: list
-    sky: str  # the background colour (above the horizon, or everywhere without one)
-    ground: str  # below the horizon (== sky when horizon == "none")
-    horizon: str = "none"
-    tone: str = "normal"  # set by the grayscale / darken global edits
-
-
-@dataclass
-class Grid:
-    """Four panels, 2x2, each a Scene rendered at half resolution."""
-    panels: list
 
 
 @dataclass
@@ -96,200 +47,6 @@ class Batch:
     sources: list = field(default_factory=list)  # source specs (edits, customize reference)
 
 
-# ----------------------------------------------------------------------------- renderer
-def _box(u, v, half):
-    qx, qy = u.abs() - half, v.abs() - half
-    return torch.sqrt(qx.clamp(min=0) ** 2 + qy.clamp(min=0) ** 2) + torch.maximum(qx, qy).clamp(max=0)
-
-
-def _triangle(dx, dy, r):
-    """Exact signed distance to an equilateral triangle, apex up, circumradius r (after Inigo Quilez)."""
-    k, s = math.sqrt(3), r * math.sqrt(3) / 2  # s: half the side
-    px, py = dx.abs() - s, -dy + s / k
-    flip = px + k * py > 0
-    px, py = torch.where(flip, (px - k * py) / 2, px), torch.where(flip, (-k * px - py) / 2, py)
-    px = px - torch.minimum(torch.zeros_like(px), torch.maximum(px, -2 * s * torch.ones_like(px)))
-    return -torch.sqrt(px * px + py * py) * torch.sign(py)
-
-
-def _sdf(shape_id, dx, dy, r):
-    """Exact signed distance (image units, y down) to a circle / square / triangle / diamond of circumradius r."""
-    circle = torch.sqrt(dx * dx + dy * dy) - r
-    square = _box(dx, dy, r / math.sqrt(2))
-    diamond = _box((dx + dy) / math.sqrt(2), (dy - dx) / math.sqrt(2), r / math.sqrt(2))
-    return torch.where(shape_id == 0, circle, torch.where(shape_id == 1, square,
-                                                          torch.where(shape_id == 2, _triangle(dx, dy, r), diamond)))
-
-
-def _coverage(d, res):
-    return (0.5 - d * res).clamp(0, 1)  # anti-aliased inside-ness of a pixel for a signed distance d
-
-
-def _rgb(name):
-    return COLORS[name] if name in COLORS else BACKGROUNDS[name]
-
-
-def outline_color(scene):
-    return (0., 0., 0.) if scene.sky in LIGHT else (1., 1., 1.)
-
-
-def apply_tone(img01, tone):
-    """img01 (..., 3, H, W) in [0, 1]."""
-    if tone == "gray":
-        lum = 0.299 * img01[..., 0:1, :, :] + 0.587 * img01[..., 1:2, :, :] + 0.114 * img01[..., 2:3, :, :]
-        return lum.expand_as(img01).clone()
-    return img01 * 0.5 if tone == "dark" else img01
-
-
-def render(scenes, res, device="cpu"):
-    """Render Scenes (or Grids) to (B, 3, res, res) in [-1, 1], anti-aliased, all on `device`."""
-    grids = [i for i, s in enumerate(scenes) if isinstance(s, Grid)]
-    if grids:  # grids: render the panels at half resolution and tile them 2x2
-        out = torch.empty(len(scenes), 3, res, res, device=device)
-        half = render([p for i in grids for p in scenes[i].panels], res // 2, device)  # (4G, 3, res/2, res/2)
-        half = half.view(len(grids), 2, 2, 3, res // 2, res // 2).permute(0, 3, 1, 4, 2, 5)
-        out[grids] = half.reshape(len(grids), 3, res, res)
-        rest = [i for i in range(len(scenes)) if i not in set(grids)]
-        if rest:
-            out[rest] = render([scenes[i] for i in rest], res, device)
-        return out
-    B, K = len(scenes), max(1, max(len(s.objects) for s in scenes))
-    f = lambda rows: torch.tensor(rows, dtype=torch.float32, device=device)
-    pad = lambda s, v: [v(o) for o in s.objects] + [v(None)] * (K - len(s.objects))
-    geo = f([pad(s, lambda o: (CENTERS[o.cell % 3], CENTERS[o.cell // 3], SIZES[o.size], SHAPES.index(o.shape),
-                                o.line / 32, (PATTERNS.index(o.pattern) + 1) if o.pattern else 0, 1.)
-                     if o else (0, 0, 0, 0, 0, 0, 0.)) for s in scenes])  # (B, K, 7)
-    c1 = f([pad(s, lambda o: _rgb(o.color) if o else (0, 0, 0)) for s in scenes])  # (B, K, 3)
-    c2 = f([pad(s, lambda o: _rgb(o.color2 or o.color) if o else (0, 0, 0)) for s in scenes])
-    line_rgb = f([outline_color(s) for s in scenes])[:, :, None, None]  # (B, 3, 1, 1)
-    sky = f([_rgb(s.sky) for s in scenes])[:, :, None, None]
-    ground = f([_rgb(s.ground) for s in scenes])[:, :, None, None]
-    hor = f([HORIZONS[s.horizon] if s.horizon != "none" else 2. for s in scenes])[:, None, None, None]
-    y = (torch.arange(res, device=device, dtype=torch.float32) + 0.5) / res  # pixel centres
-    Y, X = y[:, None].expand(res, res), y[None, :].expand(res, res)
-    img = torch.lerp(sky, ground, ((Y - hor) * res + 0.5).clamp(0, 1)).expand(B, 3, res, res)  # (B, 3, H, W)
-    g = geo[:, :, :, None, None]  # (B, K, 7, 1, 1)
-    dx, dy, r = X - g[:, :, 0], Y - g[:, :, 1], g[:, :, 2]  # (B, K, H, W)
-    d = _sdf(g[:, :, 3].long(), dx, dy, r)
-    cover = _coverage(d - g[:, :, 4], res) * g[:, :, 6]  # (B, K, H, W): the outline is drawn outside the shape
-    fill = _coverage(d, res) * g[:, :, 6]
-    pat = g[:, :, 5]
-    alpha2 = torch.where(pat == 1, (0.5 + dx * res).clamp(0, 1),
-                         torch.where(pat == 2, _coverage(dy.abs() - r / 3, res),
-                                     torch.where(pat == 3, _coverage(torch.sqrt(dx * dx + dy * dy) - r / 2, res), 0.)))
-    for k in range(K):  # objects never overlap, but compose in order anyway
-        col = torch.lerp(c1[:, k, :, None, None], c2[:, k, :, None, None], alpha2[:, k, None])  # (B, 3, H, W)
-        cov, fil = cover[:, k, None], fill[:, k, None]
-        img = img * (1 - cov) + line_rgb * (cov - fil) + col * fil
-    tone = torch.tensor([TONES.index(s.tone) for s in scenes], device=device)[:, None, None, None]
-    img = torch.where(tone == 1, apply_tone(img, "gray"), torch.where(tone == 2, img * 0.5, img))
-    return img * 2 - 1
-
-
-# ----------------------------------------------------------------------------- sampling scenes
-def _adjacent(a, b):
-    return abs(a % 3 - b % 3) <= 1 and abs(a // 3 - b // 3) <= 1  # king-move neighbours (or the same cell)
-
-
-def free_cells(objects, exclude=None):
-    return [c for c in range(9) if all(not _adjacent(c, o.cell) for o in objects if o is not exclude)]
-
-
-def _allowed(color, shape, split):
-    return ((color, shape) in HELDOUT) == (split == "heldout") or split == "any"
-
-
-def sample_object(rng, objects, split, cell=None, subject=False):
-    """A new object in a free cell whose (colour, shape) is new to the scene and allowed by the split."""
-    taken = {(o.color, o.shape) for o in objects}
-    while True:
-        shape, color = SHAPES[rng.integers(4)], list(COLORS)[rng.integers(8)]
-        if (color, shape) not in taken and _allowed(color, shape, "train" if split == "heldout" and objects else split):
-            break
-    cell = cell if cell is not None else int(rng.choice(free_cells(objects)))
-    if subject:
-        color2 = list(c for c in COLORS if c != color)[rng.integers(7)]
-        return Obj(shape, color, "large", cell, 0, color2, PATTERNS[rng.integers(3)])
-    return Obj(shape, color, list(SIZES)[rng.integers(2)], cell, int(rng.choice(LINES, p=[.5, .25, .25])))
-
-
-def sample_background(rng, horizon_p=0.5):
-    light = rng.random() < 0.5
-    names = LIGHT if light else tuple(b for b in BACKGROUNDS if b not in LIGHT)
-    if rng.random() < horizon_p:
-        sky, ground = rng.choice(names, 2, replace=False)
-        return dict(sky=str(sky), ground=str(ground), horizon=("high", "middle", "low")[rng.integers(3)])
-    c = str(rng.choice(names))
-    return dict(sky=c, ground=c, horizon="none")
-
-
-def sample_scene(rng, split="train", n_objects=None):
-    """A random scene of 1-3 objects; in the heldout split the first object is a held-out colour-shape pair."""
-    n = n_objects or int(rng.integers(1, 4))
-    while True:
-        objects = []
-        for _ in range(n):
-            if not free_cells(objects):
-                break
-            objects.append(sample_object(rng, objects, split))
-        if len(objects) == n:
-            return Scene(objects, **sample_background(rng))
-
-
-# ----------------------------------------------------------------------------- language
-def _pick(rng, options):
-    return options[rng.integers(len(options))]
-
-
-def describe(o, rng, article="a"):
-    size = _pick(rng, {"small": ("small", "little"), "large": ("large", "big")}[o.size])
-    line = ["", " with a thin outline", " with a thick outline"][o.line]
-    if o.pattern:
-        return f"{article} {o.color} and {o.color2} {o.pattern} {o.shape}"
-    return f"{article} {size} {o.color} {o.shape}{line} {_pick(rng, ('in', 'at'))} the {CELLS[o.cell]}"
-
-
-def describe_background(s, rng, prefix=False):
-    if s.horizon == "none":
-        return f"{s.sky} background ," if prefix else _pick(rng, (f"on a {s.sky} background", f", {s.sky} background"))
-    if prefix:
-        return f"{s.horizon} horizon , {s.sky} sky , {s.ground} ground ,"
-    return _pick(rng, (f", {s.sky} sky and {s.ground} ground , {s.horizon} horizon",
-                       f"with a {s.horizon} horizon , {s.sky} sky , {s.ground} ground"))
-
-
-def caption(s, rng):
-    if isinstance(s, Grid):
-        subj = s.panels[0].objects[0]
-        return f"a grid of four images of the same {describe(subj, rng, '').strip()}"
-    objs = " and ".join(describe(o, rng) for o in s.objects)
-    return _pick(rng, (f"{objs} {describe_background(s, rng)}", f"{describe_background(s, rng, prefix=True)} {objs}"))
-
-
-WORDS = """a the in at on and with of to , outline thin thick background sky ground horizon grid four images same
-make turn change recolor remove delete take away add put move swap exchange shift hues rotate colors invert image
-it grayscale darken darker mirror flip horizontally black white this object is are there does do have shape shapes
-outlines one two three all warm cool bigger smaller than these no ?""".split()
-VOCAB = tuple(dict.fromkeys(["<pad>"] + WORDS + list(SHAPES) + list(COLORS) + list(BACKGROUNDS) + list(HORIZONS)
-                            + ["small", "little", "large", "big"] + list(PATTERNS) + " ".join(CELLS).split()))
-WORD_ID = {w: i for i, w in enumerate(VOCAB)}
-MAX_TOKENS = 48
-
-
-def tokenize(texts, max_len=MAX_TOKENS):
-    """Captions -> (B, max_len) word ids, 0-padded. Unknown words are an error that names them."""
-    out = torch.zeros(len(texts), max_len, dtype=torch.long)
-    for i, text in enumerate(texts):
-        words = text.lower().replace(",", " , ").split()
-        unknown = [w for w in words if w not in WORD_ID]
-        if unknown:
-            raise ValueError(f"unknown word {unknown[0]!r} in {text!r} (the vocabulary is data.VOCAB)")
-        if len(words) > max_len:
-            raise ValueError(f"caption of {len(words)} words is longer than {max_len}: {text!r}")
-        out[i, :len(words)] = torch.tensor([WORD_ID[w] for w in words], dtype=torch.long)
-    return out
-
-
 # ----------------------------------------------------------------------------- task pairs
 def _ref(o):
     return f"the {o.color} {o.shape}"
@@ -297,7 +54,7 @@ def _ref(o):
 
 def _valid(scene, split):
     pairs = [(o.color, o.shape) for o in scene.objects]
-    return len(set(pairs)) == len(pairs) and (split == "heldout" or all(_allowed(c, s, split) for c, s in pairs))
+    return len(set(pairs)) == len(pairs) and (split == "heldout" or all(allowed(c, s, split) for c, s in pairs))
 
 
 def local_edit(rng, split):
@@ -310,14 +67,14 @@ def local_edit(rng, split):
         if kind == "recolor":
             new = list(c for c in COLORS if c != o.color)[rng.integers(7)]
             tgt = replace(src, objects=rest[:i] + [replace(o, color=new)] + rest[i:])
-            text = _pick(rng, (f"make {_ref(o)} {new}", f"turn {_ref(o)} {new}", f"change {_ref(o)} to {new}",
+            text = pick(rng, (f"make {_ref(o)} {new}", f"turn {_ref(o)} {new}", f"change {_ref(o)} to {new}",
                                f"recolor {_ref(o)} {new}"))
         elif kind == "remove" and rest:
-            tgt, text = replace(src, objects=rest), _pick(rng, (f"remove {_ref(o)}", f"delete {_ref(o)}",
+            tgt, text = replace(src, objects=rest), pick(rng, (f"remove {_ref(o)}", f"delete {_ref(o)}",
                                                                 f"take away {_ref(o)}"))
         elif kind == "add" and free_cells(src.objects):
             new = sample_object(rng, src.objects, "train" if split == "heldout" else split)
-            tgt, text = replace(src, objects=src.objects + [new]), f"{_pick(rng, ('add', 'put'))} {describe(new, rng)}"
+            tgt, text = replace(src, objects=src.objects + [new]), f"{pick(rng, ('add', 'put'))} {describe(new, rng)}"
         elif kind == "move" and [c for c in free_cells(src.objects, exclude=o) if c != o.cell]:
             cell = int(rng.choice([c for c in free_cells(src.objects, exclude=o) if c != o.cell]))
             tgt = replace(src, objects=rest[:i] + [replace(o, cell=cell)] + rest[i:])
@@ -326,11 +83,6 @@ def local_edit(rng, split):
             continue
         if _valid(tgt, split):
             return text, src, tgt
-
-
-def _luma(name):
-    r, g, b = _rgb(name)
-    return 0.299 * r + 0.587 * g + 0.114 * b
 
 
 def _shift(color, steps):
@@ -349,39 +101,39 @@ def global_edit(rng, split):
         if kind == "background" and src.horizon == "none":
             new = [b for b in BACKGROUNDS if b != src.sky][rng.integers(5)]
             tgt = replace(src, sky=new, ground=new)
-            text = _pick(rng, (f"make the background {new}", f"change the background to {new}"))
+            text = pick(rng, (f"make the background {new}", f"change the background to {new}"))
         elif kind == "background":  # with a horizon: recolour the sky or the ground within the same light/dark class
             part = ("sky", "ground")[rng.integers(2)]
             klass = LIGHT if src.sky in LIGHT else tuple(b for b in BACKGROUNDS if b not in LIGHT)
             new = [b for b in klass if b not in (src.sky, src.ground)][0]
             tgt = replace(src, **{part: new})
-            text = _pick(rng, (f"make the {part} {new}", f"change the {part} to {new}"))
+            text = pick(rng, (f"make the {part} {new}", f"change the {part} to {new}"))
         elif kind == "swap":
             a = objs[rng.integers(len(objs))].color
             b = [c for c in COLORS if c != a][rng.integers(7)]
             swap = {a: b, b: a}
             tgt = replace(src, objects=[replace(o, color=swap.get(o.color, o.color)) for o in objs])
-            text = _pick(rng, (f"swap {a} and {b}", f"exchange {a} and {b}"))
+            text = pick(rng, (f"swap {a} and {b}", f"exchange {a} and {b}"))
         elif kind == "hue":
             tgt = replace(src, objects=[replace(o, color=_shift(o.color, 2)) for o in objs])
-            text = _pick(rng, ("shift the hues", "rotate the colors"))
+            text = pick(rng, ("shift the hues", "rotate the colors"))
         elif kind == "invert":
             tgt = replace(src, objects=[replace(o, color=_shift(o.color, 4)) for o in objs],
                           sky=INVERT_BG[src.sky], ground=INVERT_BG[src.ground])
-            text = _pick(rng, ("invert the colors", "invert the image"))
+            text = pick(rng, ("invert the colors", "invert the image"))
         elif kind == "grayscale":
             # only scenes whose objects stay visible in gray (luma contrast with sky and ground)
-            if any(o.line or abs(_luma(o.color) - _luma(bg)) < 0.15 for o in objs for bg in (src.sky, src.ground)):
+            if any(o.line or abs(luma(o.color) - luma(bg)) < 0.15 for o in objs for bg in (src.sky, src.ground)):
                 continue  # outlines, or an object that would vanish into the background in gray
             tgt = replace(src, tone="gray")
-            text = _pick(rng, ("make it grayscale", "make the image black and white"))
+            text = pick(rng, ("make it grayscale", "make the image black and white"))
         elif kind == "darken":
-            tgt, text = replace(src, tone="dark"), _pick(rng, ("darken the image", "make it darker"))
+            tgt, text = replace(src, tone="dark"), pick(rng, ("darken the image", "make it darker"))
         else:
             if all(o.cell % 3 == 1 for o in objs):
                 continue  # mirroring would change nothing
             tgt = replace(src, objects=[replace(o, cell=o.cell // 3 * 3 + 2 - o.cell % 3) for o in objs])
-            text = _pick(rng, ("mirror the image", "flip the image horizontally"))
+            text = pick(rng, ("mirror the image", "flip the image horizontally"))
         if _valid(tgt, split):
             return text, src, tgt
 
@@ -425,7 +177,7 @@ def customize(rng, split):
         if tgt.objects[0].cell != 4 or tgt.sky != ref.sky or tgt.horizon != "none":
             break
     o = tgt.objects[0]
-    text = f"this object {_pick(rng, ('in', 'at'))} the {CELLS[o.cell]} {describe_background(tgt, rng)}"
+    text = f"this object {pick(rng, ('in', 'at'))} the {CELLS[o.cell]} {describe_background(tgt, rng)}"
     return text, ref, tgt
 
 
@@ -439,7 +191,7 @@ def perturb_subject(rng, o, split="train"):
             new = replace(o, pattern=[p for p in PATTERNS if p != o.pattern][rng.integers(2)])
         else:
             new = replace(o, **{what: [c for c in COLORS if c not in (o.color, o.color2)][rng.integers(6)]})
-        if _allowed(new.color, new.shape, "train" if split == "heldout" else split):
+        if allowed(new.color, new.shape, "train" if split == "heldout" else split):
             return new
 
 

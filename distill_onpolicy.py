@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import world
 from model import DiT, PRESETS, add_lora, merge_lora, preset
 from sample import guided_velocity, interpolate, rollout, timesteps
 from train import Config as TrainConfig, train as train_sft
@@ -248,7 +249,7 @@ def train(cfg):
     if env.world > 1:
         raise SystemExit("distill_onpolicy.py runs in one process (no torchrun)")
     paths = prerequisites(cfg, tasks)
-    mcfg = preset(cfg.preset, vocab_size=len(data.VOCAB), max_text_len=data.MAX_TOKENS)
+    mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
     base_ckpt = load_checkpoint(paths["base"], mcfg)
     teachers = {task: load_teacher(paths[task], mcfg, task, env.device) for task in tasks}
     torch.manual_seed(cfg.seed)  # the LoRA init; everything later draws from step_generator

@@ -31,6 +31,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPImageP
                           PreTrainedTokenizerFast)
 
 import data
+import world
 import scorer
 from data import check_images
 from rewards import (Aesthetic, Alignment, aesthetic_batch, alignment_batch, alignment_loss, bt_loss, load_reward,
@@ -80,7 +81,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['typ
 def build_vlm(preset="small", res=32):
     """A fresh LlavaForConditionalGeneration and its LlavaProcessor, from configs alone (nothing is downloaded)."""
     p = VLM_PRESETS[preset]
-    words = list(dict.fromkeys(data.VOCAB + ("yes", "answer", "or", "."))) + list(SPECIALS)  # <pad> is VOCAB[0]
+    words = list(dict.fromkeys(world.VOCAB + ("yes", "answer", "or", "."))) + list(SPECIALS)  # <pad> is VOCAB[0]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()  # "Answer with Yes or No." -> answer with yes or no .
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -143,7 +144,7 @@ class Judge:
                 bad = [w for w in re.findall(r"\w+|[^\w\s]", question or "")
                        if self.tok.encode(w, add_special_tokens=False) == [unk]] + ["?"]
                 raise ValueError(f"unknown word {bad[0]!r} in question {question!r} "
-                                 "(this judge knows data.VOCAB and 'yes answer or .')")
+                                 "(this judge knows world.VOCAB and 'yes answer or .')")
             self._ids[question, n_images] = ids
         return self._ids[question, n_images]
 
@@ -219,9 +220,9 @@ def load_judge(path, device="cpu"):
 def caption_batch(n, res, seed, split="train", device="cpu"):
     """Scenes and their captions; a quarter are subjects alone (the objects of the "same" questions)."""
     b, rng = data.make_batch("t2i", n - n // 4, res, device, seed=seed, split=split), np.random.default_rng(seed)
-    subjects = [data.Scene([data.sample_object(rng, [], split, cell=int(rng.integers(9)), subject=True)],
-                           **data.sample_background(rng)) for _ in range(n // 4)]
-    return torch.cat([b.target, data.render(subjects, res, device)]), b.text + [data.caption(s, rng) for s in subjects]
+    subjects = [world.Scene([world.sample_object(rng, [], split, cell=int(rng.integers(9)), subject=True)],
+                           **world.sample_background(rng)) for _ in range(n // 4)]
+    return torch.cat([b.target, world.render(subjects, res, device)]), b.text + [world.caption(s, rng) for s in subjects]
 
 
 def caption_loss(judge, images, captions):
@@ -288,13 +289,13 @@ def ask(scene, rng):
     """A colour, shape, position or count question about `scene` (true half the time) and its truth test for any
     Scene; the test reads only what the question names."""
     o, yes, kind = scene.objects[rng.integers(len(scene.objects))], rng.random() < 0.5, int(rng.integers(4))
-    options, value = [(list(data.COLORS), o.color), (data.SHAPES, o.shape), (range(9), o.cell),
+    options, value = [(list(world.COLORS), o.color), (world.SHAPES, o.shape), (range(9), o.cell),
                       ((1, 2, 3), len(scene.objects))][kind]
     v = value if yes else [x for x in options if x != value][rng.integers(len(options) - 1)]
-    where, n = data.CELLS[o.cell], ("one", "two", "three")[v - 1] if kind == 3 else ""
+    where, n = world.CELLS[o.cell], ("one", "two", "three")[v - 1] if kind == 3 else ""
     return [(f"is the shape at the {where} {v} ?", lambda s: any((x.cell, x.color) == (o.cell, v) for x in s.objects)),
             (f"is there a {v} at the {where} ?", lambda s: any((x.cell, x.shape) == (o.cell, v) for x in s.objects)),
-            (f"is the {o.color} {o.shape} at the {data.CELLS[v] if kind == 2 else ''} ?",
+            (f"is the {o.color} {o.shape} at the {world.CELLS[v] if kind == 2 else ''} ?",
              lambda s: any((x.color, x.shape, x.cell) == (o.color, o.shape, v) for x in s.objects)),
             (f"are there {n} shape{'s' if v != 1 else ''} ?", lambda s: len(s.objects) == v)][kind]
 

@@ -40,8 +40,8 @@ class DiTConfig:
     depth: int = 2                # number of DiT blocks
     num_heads: int = 2            # attention heads (DiT and text encoder)
     mlp_ratio: float = 4.0        # MLP hidden width = mlp_ratio * D
-    vocab_size: int = 256         # word vocabulary incl. <pad> = 0; the caller sets it from data.VOCAB
-    max_text_len: int = 48        # caption length in tokens (fixed, padded); the caller sets it from data.MAX_TOKENS
+    vocab_size: int = 256         # word vocabulary incl. <pad> = 0; the caller sets it from world.VOCAB
+    max_text_len: int = 48        # caption length in tokens (fixed, padded); the caller sets it from world.MAX_TOKENS
     text_depth: int = 1           # pre-norm transformer blocks of the text encoder
     num_tasks: int = 6            # task ids, one per entry of data.TASKS
     conv_head: bool = True        # zero-init residual 3x3 conv stack over the unpatchified output (DESIGN.md, round 3)

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
 import data
+import world
 
 
 REWARD_PRESETS = {"tiny": dict(hidden=32, layers=1, heads=2), "small": dict(hidden=64, layers=2, heads=4)}
-EOS = len(data.VOCAB)  # the alignment text encoder pools the hidden state of this token, appended after the words
+EOS = len(world.VOCAB)  # the alignment text encoder pools the hidden state of this token, appended after the words
 
 
 def bt_loss(r_better, r_worse):
@@ -38,13 +39,13 @@ class Alignment(nn.Module):
         sizes = dict(hidden_size=p["hidden"], intermediate_size=4 * p["hidden"], num_hidden_layers=p["layers"],
                      num_attention_heads=p["heads"])
         self.clip = CLIPModel(CLIPConfig(
-            text_config=dict(vocab_size=EOS + 1, max_position_embeddings=data.MAX_TOKENS + 1, pad_token_id=0,
+            text_config=dict(vocab_size=EOS + 1, max_position_embeddings=world.MAX_TOKENS + 1, pad_token_id=0,
                              bos_token_id=None, eos_token_id=EOS, **sizes),
             vision_config=dict(image_size=res, patch_size=4, **sizes), projection_dim=p["hidden"]))
         self.register_buffer("offset", torch.zeros(()))
 
     def embed_text(self, captions):
-        tokens = F.pad(data.tokenize(captions), (0, 1))  # (N, 49) word ids; unknown words are a clear error
+        tokens = F.pad(world.tokenize(captions), (0, 1))  # (N, 49) word ids; unknown words are a clear error
         n = (tokens != 0).sum(1)
         tokens[torch.arange(len(n)), n] = EOS
         tokens, dev = tokens[:, :int(n.max()) + 1], self.offset.device
@@ -74,14 +75,14 @@ def one_change(scene, rng):
     pick = lambda options: options[rng.integers(len(options))]
     i, what = int(rng.integers(len(scene.objects))), pick(("shape", "color", "size", "line", "cell", "background"))
     o, objs = scene.objects[i], list(scene.objects)
-    cells = [c for c in data.free_cells(objs, exclude=o) if c != o.cell]
+    cells = [c for c in world.free_cells(objs, exclude=o) if c != o.cell]
     if what in ("shape", "color", "size", "line"):
-        options = {"shape": data.SHAPES, "color": list(data.COLORS), "size": list(data.SIZES), "line": data.LINES}[what]
+        options = {"shape": world.SHAPES, "color": list(world.COLORS), "size": list(world.SIZES), "line": world.LINES}[what]
         objs[i] = replace(o, **{what: pick([v for v in options if v != getattr(o, what)])})
     elif what == "cell" and cells:
         objs[i] = replace(o, cell=pick(cells))
     else:
-        klass = data.LIGHT if scene.sky in data.LIGHT else tuple(b for b in data.BACKGROUNDS if b not in data.LIGHT)
+        klass = world.LIGHT if scene.sky in world.LIGHT else tuple(b for b in world.BACKGROUNDS if b not in world.LIGHT)
         if scene.horizon == "none":
             new = pick([b for b in klass if b != scene.sky])
             return replace(scene, sky=new, ground=new)
@@ -99,9 +100,9 @@ def alignment_batch(n, k, res, seed, split="train", device="cpu"):
     captions = []
     for spec in b.specs:
         phrasing = int(rng.integers(2**31))
-        texts = [data.caption(spec, np.random.default_rng(phrasing))]
+        texts = [world.caption(spec, np.random.default_rng(phrasing))]
         while len(texts) < k:
-            t = data.caption(one_change(spec, rng), np.random.default_rng(phrasing))
+            t = world.caption(one_change(spec, rng), np.random.default_rng(phrasing))
             texts += [t] if t not in texts else []
         captions += texts
     return b.target, captions

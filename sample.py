@@ -96,7 +96,7 @@ def rollout(model, noise, cond: dict, steps, cfg_scale=1.0, shift=1.0):
 class Config:
     ckpt: str = ""                 # checkpoint (any script's; its model config is stored in it)
     task: str = "t2i"              # t2i | local_edit | global_edit | inpaint | outpaint | customize
-    prompt: str = ""               # caption or instruction, in the world's vocabulary (data.VOCAB)
+    prompt: str = ""               # caption or instruction, in the world's vocabulary (world.VOCAB)
     image: str = ""                # source image (edits), image to fill (inpaint/outpaint) or reference (customize)
     mask: str = ""                 # inpaint/outpaint: white = pixels to generate
     steps: int = 16                # Euler steps
@@ -110,6 +110,7 @@ class Config:
 
 def main(cfg):
     import data
+    import world
     from train import load_model  # imported here: train.py imports this file's ODE
     if cfg.task not in data.TASKS:
         raise SystemExit(f"unknown task {cfg.task!r}: one of {', '.join(data.TASKS)}")
@@ -126,7 +127,7 @@ def main(cfg):
     if missing:
         raise SystemExit(f"--task={cfg.task} needs --{missing[0]}=PATH")
     try:
-        tokens = data.tokenize([cfg.prompt]).to(device).expand(cfg.n, -1)
+        tokens = world.tokenize([cfg.prompt]).to(device).expand(cfg.n, -1)
         image = data.load_image(cfg.image, res).to(device)[None].expand(cfg.n, -1, -1, -1) if cfg.image else None
         mask = data.load_image(cfg.mask, res, mask=True).to(device)[None].expand(cfg.n, -1, -1, -1) \
             if cfg.mask else None

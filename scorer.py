@@ -2,7 +2,7 @@
 
 No learned judge is involved: `parse` reads the background and horizon (the best-explaining palette colours per
 row), finds objects as connected components, and reads each object's colour (nearest palette entry), shape and
-size (soft-IoU against templates rendered by data.py's own signed distances), and outline weight (the outline's
+size (soft-IoU against templates rendered by world.py's own signed distances), and outline weight (the outline's
 colour mass after unmixing each pixel into object / outline / background). Blur and noise move pixels but not
 mass, so the measurements are tolerant to the blurry, noisy images a generator makes. `score(task, images,
 batch)` gives each task's metrics: attribute accuracy (GenEval-like) for t2i; edit success and PSNR outside the
@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from dataclasses import replace
 
-from data import (BACKGROUNDS, CENTERS, COLORS, HORIZONS, LIGHT, LINES, SHAPES, SIZES, TASKS, Grid, Obj, Scene,
-                  _coverage, _luma, _rgb, _sdf, apply_tone, free_cells, make_batch, outline_color)
+from data import TASKS, make_batch
+from world import (BACKGROUNDS, CENTERS, COLORS, HORIZONS, LIGHT, LINES, SHAPES, SIZES, Grid, Obj, Scene, apply_tone,
+                   coverage, free_cells, luma, outline_color, rgb, sdf)
 
 
 def _palette(names, tone):
-    return apply_tone(torch.tensor([_rgb(n) for n in names], dtype=torch.float32)[:, :, None, None], tone)[:, :, 0, 0]
+    return apply_tone(torch.tensor([rgb(n) for n in names], dtype=torch.float32)[:, :, None, None], tone)[:, :, 0, 0]
 
 
 def _components(mask):
@@ -43,9 +44,9 @@ def _templates(cx, cy, res, lines=(0,)):
     shape = torch.arange(4).view(4, 1, 1, 1, 1)
     r = torch.tensor(list(SIZES.values())).view(1, 2, 1, 1, 1)
     w = torch.tensor(lines, dtype=torch.float32).view(1, 1, -1, 1, 1) / 32
-    d = _sdf(shape, y[None, :] - cx, y[:, None] - cy, r)  # (4, 2, 1, H, W)
-    fill = _coverage(d, res).expand(4, 2, len(lines), res, res)
-    return fill, _coverage(d - w, res) - fill
+    d = sdf(shape, y[None, :] - cx, y[:, None] - cy, r)  # (4, 2, 1, H, W)
+    fill = coverage(d, res).expand(4, 2, len(lines), res, res)
+    return fill, coverage(d - w, res) - fill
 
 
 TOL = {"normal": 1.0, "dark": 0.5, "gray": 0.45}  # contrast scale of each tone
@@ -154,8 +155,8 @@ def _subject(o, x, bg, window, objpal, candidates, cx, cy):
     y = (torch.arange(H, dtype=torch.float32) + 0.5) / H
     dx, dy, r = y[None, :] - cx, y[:, None] - cy, SIZES[o.size]
     fill = _templates(cx, cy, H)[0][SHAPES.index(o.shape), list(SIZES).index(o.size), 0]  # (H, W)
-    layouts = {"split": (0.5 + dx * H).clamp(0, 1).expand(H, H), "banded": _coverage(dy.abs() - r / 3, H).expand(H, H),
-               "dotted": _coverage(torch.sqrt(dx * dx + dy * dy) - r / 2, H)}
+    layouts = {"split": (0.5 + dx * H).clamp(0, 1).expand(H, H), "banded": coverage(dy.abs() - r / 3, H).expand(H, H),
+               "dotted": coverage(torch.sqrt(dx * dx + dy * dy) - r / 2, H)}
     hyps = [(p, a, b) for p in layouts for a in candidates for b in candidates if a != b]
     preds = torch.stack([bg * (1 - fill) + fill * torch.lerp(objpal[a][:, None, None], objpal[b][:, None, None],
                                                              layouts[p]) for p, a, b in hyps])  # (N, 3, H, W)
@@ -167,7 +168,7 @@ def _subject(o, x, bg, window, objpal, candidates, cx, cy):
 
 def _same_color(a, b, tone):
     """Equal names, or names the tone makes indistinguishable (grayscale maps some hues to one gray)."""
-    return a == b or (a is not None and b is not None and tone == "gray" and abs(_luma(a) - _luma(b)) < 0.12)
+    return a == b or (a is not None and b is not None and tone == "gray" and abs(luma(a) - luma(b)) < 0.12)
 
 
 OBJECT_ATTRS = ("shape", "color", "size", "cell", "line")

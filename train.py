@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import world
 from model import DiT, DiTConfig, preset
 from sample import euler, interpolate, velocity_target
 
@@ -216,7 +217,7 @@ def train(cfg):
     if bad or cfg.batch_size % env.world:
         raise SystemExit(f"unknown task {bad[0]!r} (tasks: {', '.join(data.TASKS)}, joint)" if bad else
                          f"--batch_size={cfg.batch_size} is not divisible by {env.world} processes")
-    mcfg = preset(cfg.preset, vocab_size=len(data.VOCAB), max_text_len=data.MAX_TOKENS)
+    mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
     torch.manual_seed(cfg.seed)  # the initial weights; everything later draws from step_generator
     model = DiT(mcfg).to(env.device)
     ckpt_path, start, trained = os.path.join(cfg.out, "ckpt.pt"), 0, []

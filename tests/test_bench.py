@@ -10,11 +10,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import data
+import world
 import distill_onpolicy as opd
 import train
 from model import DiT, add_lora, preset
 
-MCFG = preset("tiny", vocab_size=len(data.VOCAB), max_text_len=data.MAX_TOKENS)
+MCFG = preset("tiny", vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
 
 
 def counted(fn, math_attention=False):

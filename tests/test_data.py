@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import world
 import scorer
 
 
@@ -70,26 +71,26 @@ def test_heldout_pairs_never_in_training_split():
     def pairs(spec):
         if spec is None:
             return set()
-        scenes = spec.panels if isinstance(spec, data.Grid) else [spec]
+        scenes = spec.panels if isinstance(spec, world.Grid) else [spec]
         return {(o.color, o.shape) for s in scenes for o in s.objects}
     for task in data.TASKS:
         b = data.make_batch(task, 200, 32, seed=16, split="train", grid_rate=0.3)
-        assert not any(pairs(s) & data.HELDOUT for s in b.specs + b.sources), task
+        assert not any(pairs(s) & world.HELDOUT for s in b.specs + b.sources), task
     b = data.make_batch("t2i", 50, 32, seed=16, split="heldout")
-    assert all(pairs(s) & data.HELDOUT for s in b.specs)
+    assert all(pairs(s) & world.HELDOUT for s in b.specs)
 
 
 def test_every_text_fits_the_vocabulary():
     for task in data.TASKS:
         b = data.make_batch(task, 200, 32, seed=17, grid_rate=0.2)
-        assert b.tokens.shape == (200, data.MAX_TOKENS) and (b.tokens[:, 0] > 0).all()
+        assert b.tokens.shape == (200, world.MAX_TOKENS) and (b.tokens[:, 0] > 0).all()
     for family in data.FAMILIES:
-        data.tokenize(data.vqa_batch(family, 40, 32).questions)
+        world.tokenize(data.vqa_batch(family, 40, 32).questions)
 
 
 def test_unknown_word_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown word 'teal'"):
-        data.tokenize(["a small teal circle"])
+        world.tokenize(["a small teal circle"])
 
 
 def test_global_edits_do_what_they_say():

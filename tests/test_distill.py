@@ -11,12 +11,13 @@ import torch
 import torch.nn as nn
 
 import data
+import world
 import distill_onpolicy as opd
 import sample
 import train
 from model import DiT, lora_parameters, preset
 
-MCFG = preset("tiny", vocab_size=len(data.VOCAB), max_text_len=data.MAX_TOKENS)
+MCFG = preset("tiny", vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
 TASKS = ["t2i", "local_edit", "global_edit"]
 
 

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import data
+import world
 import judges
 import model
 import rewards
@@ -36,7 +37,7 @@ def frozen_judges(vlm, tmp_path):
 def judge_losses(js, images):
     """A loss from each judge for the same images: the Dual-Process loss and -log sigmoid(R) of each reward."""
     b = data.make_batch("t2i", len(images), 32, seed=1)
-    return [js[0].loss(images, [f"is the shape at the {data.CELLS[s.objects[0].cell]} red ?" for s in b.specs],
+    return [js[0].loss(images, [f"is the shape at the {world.CELLS[s.objects[0].cell]} red ?" for s in b.specs],
                        torch.ones(len(images), dtype=torch.bool)),
             -torch.nn.functional.logsigmoid(js[1](images, b.text)).mean(),
             -torch.nn.functional.logsigmoid(js[2](images)).mean()]
@@ -101,13 +102,13 @@ def binding_batch(n, seed):
     image alone and the question alone each predict the answer at chance."""
     rng, scenes, questions, answers = np.random.default_rng(seed), [], [], []
     while len(scenes) < n:
-        s = data.sample_scene(rng, n_objects=1)
-        if s.objects[0].color in data.WARM + data.COOL:
+        s = world.sample_scene(rng, n_objects=1)
+        if s.objects[0].color in world.WARM + world.COOL:
             kind = ("warm", "cool")[rng.integers(2)]
             scenes.append(s)
             questions.append(f"are all the shapes {kind} colors ?")
-            answers.append(s.objects[0].color in (data.WARM if kind == "warm" else data.COOL))
-    return data.VQA("palette", data.render(scenes, 32), questions, torch.tensor(answers))
+            answers.append(s.objects[0].color in (world.WARM if kind == "warm" else world.COOL))
+    return data.VQA("palette", world.render(scenes, 32), questions, torch.tensor(answers))
 
 
 def trained_accuracy(statement_weight, steps=250, seed=0):
@@ -230,7 +231,7 @@ def test_cli_trains_caches_and_reports(tmp_path):
 
 def test_agreement_with_the_exact_parser_on_generated_images(vlm, tmp_path):
     torch.manual_seed(0)
-    cfg = model.preset("tiny", vocab_size=len(data.VOCAB), max_text_len=data.MAX_TOKENS)
+    cfg = model.preset("tiny", vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
     dit = model.DiT(cfg)
     train.save_checkpoint(str(tmp_path / "ckpt.pt"), model=dit.state_dict(), ema=dit.state_dict(),
                           model_config=dataclasses.asdict(cfg), tasks=["t2i"])
