@@ -222,7 +222,8 @@ def caption_batch(n, res, seed, split="train", device="cpu"):
     b, rng = data.make_batch("t2i", n - n // 4, res, device, seed=seed, split=split), np.random.default_rng(seed)
     subjects = [world.Scene([world.sample_object(rng, [], split, cell=int(rng.integers(9)), subject=True)],
                            **world.sample_background(rng)) for _ in range(n // 4)]
-    return torch.cat([b.target, world.render(subjects, res, device)]), b.text + [world.caption(s, rng) for s in subjects]
+    images = torch.cat([b.target, world.render(subjects, res, device)])
+    return images, b.text + [world.caption(s, rng) for s in subjects]
 
 
 def caption_loss(judge, images, captions):

@@ -77,7 +77,8 @@ def one_change(scene, rng):
     o, objs = scene.objects[i], list(scene.objects)
     cells = [c for c in world.free_cells(objs, exclude=o) if c != o.cell]
     if what in ("shape", "color", "size", "line"):
-        options = {"shape": world.SHAPES, "color": list(world.COLORS), "size": list(world.SIZES), "line": world.LINES}[what]
+        options = {"shape": world.SHAPES, "color": list(world.COLORS), "size": list(world.SIZES),
+                   "line": world.LINES}[what]
         objs[i] = replace(o, **{what: pick([v for v in options if v != getattr(o, what)])})
     elif what == "cell" and cells:
         objs[i] = replace(o, cell=pick(cells))
