@@ -25,11 +25,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from PIL import Image
 
 from world import (BACKGROUNDS, CELLS, CENTERS, COLORS, COOL, LIGHT, LINES, PATTERNS, SHAPES, SIZES, WARM, Grid,
-                   Scene, allowed, caption, describe, describe_background, free_cells, luma, pick, render,
-                   sample_background, sample_object, sample_scene, tokenize)
+                   Scene, allowed, caption, describe, describe_background, free_cells, load_image, luma, pick, render,
+                   sample_background, sample_object, sample_scene, to_pil, tokenize)
 
 TASKS = ("t2i", "local_edit", "global_edit", "inpaint", "outpaint", "customize")
 
@@ -321,37 +320,7 @@ def vqa_batch(family, n, res, device="cpu", seed=0, split="train"):
     return out
 
 
-# ----------------------------------------------------------------------------- images on disk and manifests
-def to_pil(img):
-    """(3, H, W) in [-1, 1] -> PIL RGB."""
-    return Image.fromarray(((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
-                           .permute(1, 2, 0).numpy())
-
-
-def load_image(path, res, mask=False):
-    """A PNG/JPEG file -> (3, res, res) in [-1, 1], or (1, res, res) in {0, 1} for a mask. Wrong sizes are errors."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing image file: {path}")
-    im = Image.open(path)
-    if im.size != (res, res):
-        raise ValueError(f"image {path} is {im.size[0]}x{im.size[1]}, expected {res}x{res}")
-    if mask:
-        return torch.from_numpy((np.asarray(im.convert("L")) > 127).astype(np.float32))[None]
-    return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
-
-
-def check_images(images, name="images"):
-    """(B, 3, H, W), square, at least 8 px, in the generator's range [-1, 1] (|x| up to 1.5 tolerated)."""
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name} must be a (B, 3, H, W) tensor, got {tuple(getattr(images, 'shape', ()))}")
-    if images.shape[2] != images.shape[3] or images.shape[2] < 8:
-        raise ValueError(f"{name} must be square and at least 8 px, got {images.shape[2]}x{images.shape[3]}")
-    top = images.detach().abs().max().item()  # the one host sync of a judge call
-    if not top <= 1.5:
-        raise ValueError(f"{name} must be in [-1, 1] (the generator's range), found |x| = {top:.3g}; "
-                         "convert [0, 1] images with x * 2 - 1, bytes with x / 127.5 - 1")
-
-
+# ----------------------------------------------------------------------------- your own data: manifests
 MANIFEST_COLUMNS = ("task", "prompt", "source_image", "target_image", "mask")
 NEEDS = {"t2i": (), "local_edit": ("source_image",), "global_edit": ("source_image",), "inpaint": ("mask",),
          "outpaint": ("mask",), "customize": ("source_image",)}  # customize: source_image is the reference

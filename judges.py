@@ -33,7 +33,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPImageP
 import data
 import world
 import scorer
-from data import check_images
+from world import check_images
 from rewards import (Aesthetic, Alignment, aesthetic_batch, alignment_batch, alignment_loss, bt_loss, load_reward,
                      pairwise_accuracy, preference_pairs, retrieval_accuracy)
 from sample import euler
@@ -329,7 +329,7 @@ def save_examples(judge, path, res, families=data.FAMILIES, per_family=2):
         for i in range(per_family):
             row = Image.new("RGB", (680, 128), "white")
             imgs = [v.images[i]] + ([v.images2[i]] if v.images2 is not None else [])
-            row.paste(data.to_pil(torch.cat(imgs, 2)).resize((128 * len(imgs), 128), Image.NEAREST), (0, 0))
+            row.paste(world.to_pil(torch.cat(imgs, 2)).resize((128 * len(imgs), 128), Image.NEAREST), (0, 0))
             verdict = "right" if (p[i] > 0.5) == bool(v.answers[i]) else "WRONG"
             ImageDraw.Draw(row).multiline_text((270, 40), f"[{f}] {v.questions[i]}\njudge: p(yes) = {p[i]:.2f}\n"
                                                f"truth: {'yes' if v.answers[i] else 'no'} -> {verdict}", fill="black")

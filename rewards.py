@@ -54,7 +54,7 @@ class Alignment(nn.Module):
         return F.normalize(self.clip.text_projection(h), dim=-1)
 
     def embed_images(self, images):
-        data.check_images(images)
+        world.check_images(images)
         x = images.float() if images.shape[-1] == self.res else \
             F.interpolate(images.float(), size=(self.res, self.res), mode="bilinear", antialias=True)
         return F.normalize(self.clip.visual_projection(self.clip.vision_model(pixel_values=x).pooler_output), dim=-1)
@@ -166,7 +166,7 @@ class Aesthetic(nn.Module):
         self.register_buffer("offset", torch.zeros(()))
 
     def forward(self, images):
-        data.check_images(images)
+        world.check_images(images)
         h = self.net(images.float())  # (B, 2w, H/4, W/4)
         return self.head(torch.cat([h.mean((2, 3)), h.std((2, 3))], 1))[:, 0] + self.offset
 

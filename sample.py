@@ -128,8 +128,8 @@ def main(cfg):
         raise SystemExit(f"--task={cfg.task} needs --{missing[0]}=PATH")
     try:
         tokens = world.tokenize([cfg.prompt]).to(device).expand(cfg.n, -1)
-        image = data.load_image(cfg.image, res).to(device)[None].expand(cfg.n, -1, -1, -1) if cfg.image else None
-        mask = data.load_image(cfg.mask, res, mask=True).to(device)[None].expand(cfg.n, -1, -1, -1) \
+        image = world.load_image(cfg.image, res).to(device)[None].expand(cfg.n, -1, -1, -1) if cfg.image else None
+        mask = world.load_image(cfg.mask, res, mask=True).to(device)[None].expand(cfg.n, -1, -1, -1) \
             if cfg.mask else None
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
@@ -143,7 +143,7 @@ def main(cfg):
     x = euler(model, noise, cond, cfg.steps, cfg.cfg_scale, cfg.shift).clamp(-1, 1)
     row = ([image[0]] if image is not None else []) + list(x)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    data.to_pil(torch.cat(row, 2)).save(cfg.out)
+    world.to_pil(torch.cat(row, 2)).save(cfg.out)
     print(f"wrote {cfg.out}: {'condition, ' if image is not None else ''}{cfg.n} samples of {cfg.task}")
 
 

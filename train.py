@@ -207,7 +207,7 @@ def save_samples(model, tasks, res, device, path, steps, cfg_scale, n=8):
         cond = b.cond[:, :3] if b.cond is not None else b.ref
         rows += ([cond] if cond is not None else []) + [x, b.target]
     grid = torch.cat([torch.cat(list(r), 2) for r in rows], 1)
-    data.to_pil(grid).save(path)
+    world.to_pil(grid).save(path)
 
 
 def train(cfg):

@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-import data
 import evaluate
 import sample
 import train
+import world
 
 TINY = ["--preset=tiny", "--batch_size=8", "--eval_n=0", "--quiet", "--log_every=5"]
 
@@ -50,7 +50,7 @@ def test_sample_cli_errors(ckpt, tmp_path):
         sample_cli("--ckpt=nope.pt", "--prompt=a red circle")
     with pytest.raises(SystemExit, match="unknown option '--stpes=3'"):
         sample_cli(f"--ckpt={ckpt}", "--prompt=a red circle", "--stpes=3")
-    data.to_pil(torch.zeros(3, 48, 48)).save(tmp_path / "big.png")
+    world.to_pil(torch.zeros(3, 48, 48)).save(tmp_path / "big.png")
     edit = train.train(train.parse_config(train.Config(), TINY + [f"--out={tmp_path / 'e'}", "--steps=1",
                                                                   "--task=local_edit", f"--init_from={ckpt}"]))
     with pytest.raises(SystemExit, match="is 48x48, expected 32x32"):

@@ -140,12 +140,12 @@ def _write_folder(tmp_path, fmt):
     e = data.make_batch("local_edit", 2, 32, seed=22)
     rows = []
     for i in range(3):
-        data.to_pil(b.target[i]).save(tmp_path / f"t{i}.png")
-        data.to_pil(b.mask[i].expand(3, -1, -1) * 2 - 1).save(tmp_path / f"m{i}.png")
+        world.to_pil(b.target[i]).save(tmp_path / f"t{i}.png")
+        world.to_pil(b.mask[i].expand(3, -1, -1) * 2 - 1).save(tmp_path / f"m{i}.png")
         rows.append(dict(task="inpaint", prompt=b.text[i], target_image=f"t{i}.png", mask=f"m{i}.png"))
     for i in range(2):
-        data.to_pil(e.cond[i, :3]).save(tmp_path / f"s{i}.png")
-        data.to_pil(e.target[i]).save(tmp_path / f"e{i}.png")
+        world.to_pil(e.cond[i, :3]).save(tmp_path / f"s{i}.png")
+        world.to_pil(e.target[i]).save(tmp_path / f"e{i}.png")
         rows.append(dict(task="local_edit", prompt=e.text[i], source_image=f"s{i}.png", target_image=f"e{i}.png"))
     path = tmp_path / f"manifest.{fmt}"
     if fmt == "jsonl":
