@@ -22,7 +22,7 @@ import train
 @pytest.fixture(scope="module")
 def vlm():
     torch.manual_seed(0)
-    return judges.build_vlm("tiny", 32)
+    return judges.build_vlm("tiny")
 
 
 def frozen_judges(vlm, tmp_path):
@@ -113,7 +113,7 @@ def binding_batch(n, seed):
 
 def trained_accuracy(statement_weight, steps=250, seed=0):
     torch.manual_seed(seed)
-    judge = judges.Judge(*judges.build_vlm("tiny", 32), frozen=False)
+    judge = judges.Judge(*judges.build_vlm("tiny"), frozen=False)
     opt = torch.optim.AdamW(judge.model.parameters(), lr=1e-3)
     test = binding_batch(300, seed=10**6)
     untrained = (judge.answer(test.images, test.questions) == test.answers).float().mean()
@@ -227,6 +227,7 @@ def test_cli_trains_caches_and_reports(tmp_path):
     again = judges.main(judges.parse_config(judges.Config(), args + ["--what=aesthetic"]))  # cached: loaded
     assert os.path.getmtime(tmp_path / "j" / "aesthetic.pt") == stamp
     assert again["aesthetic_pairwise"] == out["aesthetic_pairwise"]
+    assert json.load(open(tmp_path / "judges.json"))["vlm"] == out["vlm"]  # one judge re-measured: others kept
 
 
 def test_agreement_with_the_exact_parser_on_generated_images(vlm, tmp_path):
