@@ -123,7 +123,7 @@ def prerequisites(cfg, tasks):
     for task in ["base"] + [t for t in tasks if t != "t2i"]:
         path, steps = paths[task], cfg.base_steps if task == "base" else cfg.expert_steps
         if os.path.exists(path):
-            made = torch.load(path, map_location="cpu", weights_only=True).get("step")
+            made = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")  # no copy
             if made is not None and made != steps:  # e.g. a teacher cached under an older default
                 print(f"note: using cached {path}, trained {made} steps (this run would build {steps})")
             continue

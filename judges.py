@@ -427,7 +427,10 @@ def main(cfg):
         out["aesthetic_pairwise"] = pairwise_accuracy(get_judge(cfg, "aesthetic", env), cfg.eval_n, cfg.res)
         print(f"aesthetic: pairwise accuracy on held-out pairs: {out['aesthetic_pairwise']:.3f}")
     path = os.path.join(cfg.results, "judges.json")  # judges measured earlier (same preset) keep their figures
-    old = json.load(open(path)) if os.path.exists(path) else {}
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
     if "vlm" in out:
         old.pop("agreement", None)  # it belongs to the VLM measured before this one
     out = {**old, **out} if old.get("preset") == cfg.preset else out
