@@ -10,8 +10,9 @@ the world's vocabulary, saved with save_pretrained so that it reloads through Au
 AutoProcessor like a hub VLM; any such local VLM can replace it (`load_judge`). Prompt as in Dual-Process (Luo et
 al. 2025): question + " Answer with Yes or No."; the answer is the next token. Training: the vision tower on each
 cell's attributes (`TowerHeads`, in place of LLaVA's pretrained CLIP), captions, then the world's yes/no questions
-(data.vqa_batch, every family, balanced) plus a "statement" loss (`vqa_loss`), without which yes/no sits at chance. Two-image questions ("are these the same object ?") put two image blocks in one prompt, as
-multi-image LLaVA prompts do, so each image keeps the resolution and positions it was trained with.
+(data.vqa_batch, every family, balanced) plus a "statement" loss (`vqa_loss`), without which yes/no sits at
+chance. Two-image questions ("are these the same object ?") put two image blocks in one prompt, as multi-image
+LLaVA prompts do, so each image keeps the resolution and positions it was trained with.
 Rewards (ByteEdit): rewards.py defines them; this file trains and caches them with the VLM (`get_judge`).
 Images everywhere: (B, 3, H, W) in [-1, 1], the generator's range; every judge is differentiable in the pixels.
 """
@@ -263,8 +264,8 @@ class TowerHeads(torch.nn.Module):
                 cells[i, o.cell] = torch.tensor([v.index(getattr(o, k)) for k, v in CELL_HEADS.items()])
         bg = torch.tensor([[v.index(getattr(s, k)) for k, v in SCENE_HEADS.items()] for s in scenes])
         loss = 0.
-        for logits, labels, heads in ((self.cell(f), cells, CELL_HEADS), (self.scene(f.flatten(1)), bg, SCENE_HEADS)):
-            for k, lg in zip(range(len(heads)), logits.split([len(v) for v in heads.values()], -1)):
+        for logits, labels, names in ((self.cell(f), cells, CELL_HEADS), (self.scene(f.flatten(1)), bg, SCENE_HEADS)):
+            for k, lg in enumerate(logits.split([len(v) for v in names.values()], -1)):
                 loss = loss + F.cross_entropy(lg.flatten(0, -2), labels[..., k].flatten().to(lg.device))
         return loss
 
