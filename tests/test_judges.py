@@ -17,6 +17,7 @@ import model
 import rewards
 import scorer
 import train
+from vlm import ANSWER
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_save_then_auto_class_reload_gives_the_same_log_probs(vlm, tmp_path):
     lp = a.log_p_yes(v.images, v.questions)
     assert torch.allclose(lp, b.log_p_yes(v.images, v.questions), atol=1e-5)
     # the differentiable pixel path agrees with the processor's own PIL path (which rounds to bytes)
-    text = [a._chat(q + judges.ANSWER, 1) for q in v.questions]
+    text = [a._chat(q + ANSWER, 1) for q in v.questions]
     enc = b.processor(text=text, images=[world.to_pil(x) for x in v.images], return_tensors="pt")
     ref = b.model(**enc).logits[:, -1].log_softmax(-1)[:, a.yes_id]
     assert torch.allclose(lp, ref, atol=1e-3)
