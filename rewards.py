@@ -53,11 +53,15 @@ class Alignment(nn.Module):
         h = self.clip.text_model(input_ids=tokens.to(dev), attention_mask=mask.to(dev)).pooler_output
         return F.normalize(self.clip.text_projection(h), dim=-1)
 
-    def embed_images(self, images):
+    def pixels(self, images):
+        """(B, 3, H, W) in [-1, 1] -> the vision tower's input, resized differentiably when H != res."""
         world.check_images(images)
-        x = images.float() if images.shape[-1] == self.res else \
+        return images.float() if images.shape[-1] == self.res else \
             F.interpolate(images.float(), size=(self.res, self.res), mode="bilinear", antialias=True)
-        return F.normalize(self.clip.visual_projection(self.clip.vision_model(pixel_values=x).pooler_output), dim=-1)
+
+    def embed_images(self, images):
+        h = self.clip.vision_model(pixel_values=self.pixels(images)).pooler_output
+        return F.normalize(self.clip.visual_projection(h), dim=-1)
 
     def scores(self, images, captions):
         """R of every (image, caption) pair: (B, N)."""
@@ -70,10 +74,14 @@ class Alignment(nn.Module):
         return self.scores(images, captions).diagonal()
 
 
-def one_change(scene, rng):
-    """The scene with one captioned attribute changed: a shape, colour, size, outline or cell, or the background."""
+CHANGES = ("shape", "color", "size", "line", "cell", "background")
+
+
+def one_change(scene, rng, what=None):
+    """The scene with one captioned attribute changed: a shape, colour, size, outline or cell, or the background
+    (`what`, one of CHANGES; None = at random). A cell change with no free cell changes the background."""
     pick = lambda options: options[rng.integers(len(options))]
-    i, what = int(rng.integers(len(scene.objects))), pick(("shape", "color", "size", "line", "cell", "background"))
+    i, what = int(rng.integers(len(scene.objects))), what or pick(CHANGES)
     o, objs = scene.objects[i], list(scene.objects)
     cells = [c for c in world.free_cells(objs, exclude=o) if c != o.cell]
     if what in ("shape", "color", "size", "line"):
@@ -209,6 +217,22 @@ def retrieval_accuracy(reward, n, res, k=8, seed=10_000, split="test"):
     images, captions = alignment_batch(n, k, res, seed, split, reward.offset.device)
     R = torch.stack([reward.scores(images[i:i + 1], captions[i * k:(i + 1) * k])[0] for i in range(n)])
     return float((R.argmax(1) == 0).float().mean())
+
+
+@torch.no_grad()
+def pairwise_by_change(reward, n, res, seed=10_000, split="test"):
+    """{change: how often the matching caption outscores the one with that one change}, over n held-out images."""
+    images, _ = alignment_batch(n, 1, res, seed, split, reward.offset.device)
+    specs, rng, out = data.make_batch("t2i", n, res, seed=seed, split=split).specs, np.random.default_rng(seed), {}
+    for what in CHANGES:
+        phrasings = rng.integers(2**31, size=n)
+        texts = [[world.caption(s, np.random.default_rng(p)), world.caption(one_change(s, rng, what),
+                                                                         np.random.default_rng(p))]
+                 for s, p in zip(specs, phrasings)]
+        keep = [i for i, t in enumerate(texts) if t[0] != t[1]]
+        R = torch.stack([reward.scores(images[i:i + 1], texts[i])[0] for i in keep])
+        out[what] = float((R[:, 0] > R[:, 1]).float().mean())
+    return out
 
 
 @torch.no_grad()

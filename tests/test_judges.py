@@ -161,6 +161,27 @@ def test_phase_0_teaches_the_tower_the_cells_and_leaves_the_language_model_alone
     assert not all(torch.equal(v, tower[k]) for k, v in m.model.vision_tower.state_dict().items())
 
 
+def test_phase_0_of_the_alignment_reward_trains_its_vision_tower_only():
+    torch.manual_seed(0)
+    net = rewards.Alignment("tiny")
+    heads = judges.TowerHeads(net.clip.config.vision_config.hidden_size)
+    cfg = judges.Config(preset="tiny", vlm_batch=32)
+    images, _, scenes = judges.caption_batch(64, 32, seed=99, split="test")
+    with torch.no_grad():
+        before = heads(net, images, scenes).item()
+    text = {k: v.clone() for k, v in net.clip.text_model.state_dict().items()}
+    params = list(net.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    for step in range(60):
+        judges.step_loss(cfg, "tower", net, step, "cpu", heads).backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        after = heads(net, images, scenes).item()
+    assert after < 0.5 * before, (before, after)  # held-out scenes
+    assert all(torch.equal(v, text[k]) for k, v in net.clip.text_model.state_dict().items())
+
+
 def test_bad_inputs_are_clear_errors(vlm, tmp_path):
     judge = judges.Judge(*vlm)
     v = data.vqa_batch("color", 2, 32, seed=6)
@@ -241,7 +262,8 @@ def test_discriminator_is_per_pixel_and_differentiable():
 
 
 def test_cli_trains_caches_and_reports(tmp_path):
-    args = ["--preset=tiny", "--vlm_caption_steps=3", "--vlm_vqa_steps=3", "--reward_steps=3", "--eval_n=8",
+    args = ["--preset=tiny", "--vlm_tower_steps=3", "--vlm_caption_steps=3", "--vlm_vqa_steps=3", "--reward_steps=3",
+            "--align_tower_steps=3", "--eval_n=8",
             "--vlm_batch=18", "--reward_batch=8", "--quiet", f"--out={tmp_path / 'j'}", f"--results={tmp_path}"]
     out = judges.main(judges.parse_config(judges.Config(), args))
     assert set(out["vlm"]) == set(data.FAMILIES) and 0 <= out["alignment_retrieval_8"] <= 1
