@@ -269,7 +269,7 @@ def _question(family, rng, yes, split):
         if family == "color":
             return s, f"is the shape at the {CELLS[o.cell]} {o.color if yes else other(list(COLORS), o.color)} ?"
         if family == "shape":
-            return s, f"is there a {o.shape if yes else other(SHAPES, o.shape)} at the {CELLS[o.cell]} ?"
+            return s, f"is the shape at the {CELLS[o.cell]} a {o.shape if yes else other(SHAPES, o.shape)} ?"
         if family == "count":
             n = len(s.objects) if yes else other((1, 2, 3), len(s.objects))
             return s, f"are there {('one', 'two', 'three')[n - 1]} shape{'s' if n > 1 else ''} ?"

@@ -46,6 +46,7 @@ class Config:
     vlm_caption_steps: int = 600   # phase 1: teacher-forced captions
     vlm_vqa_steps: int = 2400      # phase 2: yes/no questions of every family + the statement loss
     statement_weight: float = 1.0  # phase 2: weight of the LM loss on the true questions (see vqa_loss)
+    vlm_rehearsal: float = 1.0     # phase 2: weight of a caption loss (half a batch) kept beside the yes/no loss
     vlm_batch: int = 36            # examples per step (phase 2: an equal share per family)
     vlm_lr: float = 3e-4           # peak AdamW learning rate (warm-up, then cosine, per phase)
     reward_steps: int = 1500       # optimizer steps of each reward model
@@ -65,13 +66,25 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- training the VLM
+def cell_caption(s):
+    """Phase 1's caption: the objects in cell order, each cell named first ("at the top left a large red circle with
+    a thin outline , ..."), then the background. The world's captions name an object before its cell, so the LM had
+    to guess which cell to read; told the cell first, it learns to read it. Measured (small preset, with rehearsal,
+    see `vlm_rehearsal`): shape 0.53 -> 0.94 and size 0.50 -> 0.93 once the shape question names the cell first too."""
+    line = ("with no outline", "with a thin outline", "with a thick outline")
+    objects = [f"at the {world.CELLS[o.cell]} a {o.color} and {o.color2} {o.pattern} {o.shape}" if o.pattern else
+               f"at the {world.CELLS[o.cell]} a {o.size} {o.color} {o.shape} {line[o.line]}"
+               for o in sorted(s.objects, key=lambda o: o.cell)]
+    return " , ".join(objects + [f"{s.horizon} horizon , {s.sky} sky , {s.ground} ground"])
+
+
 def caption_batch(n, res, seed, split="train", device="cpu"):
-    """Images, captions and scenes; a quarter are subjects alone (the objects of the "same" questions)."""
+    """Images, cell-first captions and scenes; a quarter are subjects alone (the objects of the "same" questions)."""
     b, rng = data.make_batch("t2i", n - n // 4, res, device, seed=seed, split=split), np.random.default_rng(seed)
     subjects = [world.Scene([world.sample_object(rng, [], split, cell=int(rng.integers(9)), subject=True)],
                            **world.sample_background(rng)) for _ in range(n // 4)]
-    images = torch.cat([b.target, world.render(subjects, res, device)])
-    return images, b.text + [world.caption(s, rng) for s in subjects], b.specs + subjects
+    scenes = b.specs + subjects
+    return torch.cat([b.target, world.render(subjects, res, device)]), [cell_caption(s) for s in scenes], scenes
 
 
 # phase 0 labels: each cell's object (0 = empty cell), and the scene's background
@@ -180,7 +193,7 @@ def ask(scene, rng):
     v = value if yes else [x for x in options if x != value][rng.integers(len(options) - 1)]
     where, n = world.CELLS[o.cell], ("one", "two", "three")[v - 1] if kind == 3 else ""
     return [(f"is the shape at the {where} {v} ?", lambda s: any((x.cell, x.color) == (o.cell, v) for x in s.objects)),
-            (f"is there a {v} at the {where} ?", lambda s: any((x.cell, x.shape) == (o.cell, v) for x in s.objects)),
+            (f"is the shape at the {where} a {v} ?", lambda s: any((x.cell, x.shape) == (o.cell, v) for x in s.objects)),
             (f"is the {o.color} {o.shape} at the {world.CELLS[v] if kind == 2 else ''} ?",
              lambda s: any((x.color, x.shape, x.cell) == (o.color, o.shape, v) for x in s.objects)),
             (f"are there {n} shape{'s' if v != 1 else ''} ?", lambda s: len(s.objects) == v)][kind]
@@ -235,7 +248,11 @@ def step_loss(cfg, phase, net, seed, device, heads=None):
         return caption_loss(net, *caption_batch(cfg.vlm_batch, cfg.res, seed, device=device)[:2])
     if phase == "vqa":
         families = data.FAMILIES if cfg.families == "all" else cfg.families.split(",")
-        return vqa_step_loss(net, cfg.vlm_batch, cfg.res, seed, families, cfg.statement_weight, device)
+        loss = vqa_step_loss(net, cfg.vlm_batch, cfg.res, seed, families, cfg.statement_weight, device)
+        if cfg.vlm_rehearsal:  # without it the yes/no phase erases the captions' reading of each cell (shape: 0.99
+            captions = caption_batch(cfg.vlm_batch // 2, cfg.res, seed, device=device)[:2]  # -> chance)
+            loss = loss + cfg.vlm_rehearsal * caption_loss(net, *captions)
+        return loss
     if phase == "alignment":
         k = cfg.align_captions
         return alignment_loss(net, *alignment_batch(cfg.reward_batch, k, cfg.res, seed, device=device), k)

@@ -291,3 +291,15 @@ def test_agreement_with_the_exact_parser_on_generated_images(vlm, tmp_path):
     truths = [test(s) for s, (_, test) in zip(b.specs, asked)]
     assert 10 < sum(truths) < 30
     assert [test(scorer.parse(x)) for x, (_, test) in zip(b.target, asked)] == truths
+
+
+def test_cell_captions_name_each_cell_before_its_object_in_cell_order():
+    images, captions, scenes = judges.caption_batch(40, 32, seed=3)
+    world.tokenize(captions)  # every word is in the vocabulary the VLM's tokenizer is built from
+    for caption, s in zip(captions, scenes):
+        parts = caption.split(" , ")
+        for part, o in zip(parts, sorted(s.objects, key=lambda o: o.cell)):
+            words = part.split()
+            assert part.startswith(f"at the {world.CELLS[o.cell]} a ")
+            assert words[-1] == o.shape if o.pattern else words[words.index("with") - 1] == o.shape
+        assert parts[len(s.objects):] == [f"{s.horizon} horizon", f"{s.sky} sky", f"{s.ground} ground"]
