@@ -301,5 +301,5 @@ def test_cell_captions_name_each_cell_before_its_object_in_cell_order():
         for part, o in zip(parts, sorted(s.objects, key=lambda o: o.cell)):
             words = part.split()
             assert part.startswith(f"at the {world.CELLS[o.cell]} a ")
-            assert words[-1] == o.shape if o.pattern else words[words.index("with") - 1] == o.shape
+            assert words[words.index("with") - 1] == o.shape and words[words.index("a") + 1] == o.size
         assert parts[len(s.objects):] == [f"{s.horizon} horizon", f"{s.sky} sky", f"{s.ground} ground"]
