@@ -194,7 +194,8 @@ def ask(scene, rng):
     v = value if yes else [x for x in options if x != value][rng.integers(len(options) - 1)]
     where, n = world.CELLS[o.cell], ("one", "two", "three")[v - 1] if kind == 3 else ""
     return [(f"is the shape at the {where} {v} ?", lambda s: any((x.cell, x.color) == (o.cell, v) for x in s.objects)),
-            (f"is the shape at the {where} a {v} ?", lambda s: any((x.cell, x.shape) == (o.cell, v) for x in s.objects)),
+            (f"is the shape at the {where} a {v} ?",
+             lambda s: any((x.cell, x.shape) == (o.cell, v) for x in s.objects)),
             (f"is the {o.color} {o.shape} at the {world.CELLS[v] if kind == 2 else ''} ?",
              lambda s: any((x.color, x.shape, x.cell) == (o.color, o.shape, v) for x in s.objects)),
             (f"are there {n} shape{'s' if v != 1 else ''} ?", lambda s: len(s.objects) == v)][kind]
@@ -250,8 +251,8 @@ def step_loss(cfg, phase, net, seed, device, heads=None):
     if phase == "vqa":
         families = data.FAMILIES if cfg.families == "all" else cfg.families.split(",")
         loss = vqa_step_loss(net, cfg.vlm_batch, cfg.res, seed, families, cfg.statement_weight, device)
-        if cfg.vlm_rehearsal:  # without it the yes/no phase erases the captions' reading of each cell (shape: 0.99
-            captions = caption_batch(cfg.vlm_batch // 2, cfg.res, seed, device=device)[:2]  # -> chance)
+        if cfg.vlm_rehearsal:  # without it, yes/no erases what captioning taught (held-out shape words: 0.70 -> 0.09)
+            captions = caption_batch(cfg.vlm_batch // 2, cfg.res, seed, device=device)[:2]
             loss = loss + cfg.vlm_rehearsal * caption_loss(net, *captions)
         return loss
     if phase == "alignment":
