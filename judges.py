@@ -47,7 +47,8 @@ class Config:
     vlm_vqa_steps: int = 2400      # phase 2: yes/no questions of every family + the statement loss
     statement_weight: float = 1.0  # phase 2: weight of the LM loss on the true questions (see vqa_loss)
     vlm_rehearsal: float = 1.0     # phase 2: weight of a caption loss (half a batch) kept beside the yes/no loss
-    vlm_batch: int = 36            # examples per step (phase 2: an equal share per family)
+    vlm_batch: int = 36            # examples per step (phase 2: an equal share per one-image family)
+    vlm_same_batch: int = 48       # phase 2: two-image "same" questions per step (see vqa_step_loss)
     vlm_lr: float = 3e-4           # peak AdamW learning rate (warm-up, then cosine, per phase)
     reward_steps: int = 1500       # optimizer steps of each reward model
     reward_batch: int = 32         # images (pairs) per step
@@ -154,16 +155,22 @@ def vqa_loss(judge, v, statement_weight=1.0):
     return answer + statement_weight * statement
 
 
-def vqa_step_loss(judge, n, res, seed, families, statement_weight, device="cpu"):
-    """An equal share of every family: one forward for the one-image families, one for "same" (two images)."""
-    batches = [data.vqa_batch(f, max(2, n // len(families)), res, device, seed) for f in families]
+def vqa_step_loss(judge, n, res, seed, families, statement_weight, device="cpu", n_same=None):
+    """n // len(families) questions of each one-image family, in one forward, and n_same (default: as many) two-image
+    "same" questions in another; every question weighs the same.
+
+    The two-image family needs many more examples than an equal share: with 4 per step it stayed at chance (0.52).
+    Measured (small preset, seed 0): 24 per step -> 0.81, 48 -> 0.91; a trained VLM fine-tuned on it alone went
+    from 0.52 to 0.94 in 1,500 steps of 36, after 300 steps at chance."""
+    share = max(2, n // len(families))
+    batches = [data.vqa_batch(f, (n_same or share) if f == "same" else share, res, device, seed) for f in families]
     one, two = [v for v in batches if v.images2 is None], [v for v in batches if v.images2 is not None]
-    loss = sum(vqa_loss(judge, v, statement_weight) for v in two)
+    parts = [(vqa_loss(judge, v, statement_weight), len(v.questions)) for v in two]
     if one:
         cat = data.VQA("mixed", torch.cat([v.images for v in one]), sum([v.questions for v in one], []),
                        torch.cat([v.answers for v in one]))
-        loss = loss + vqa_loss(judge, cat, statement_weight) * len(one)
-    return loss / len(batches)
+        parts.append((vqa_loss(judge, cat, statement_weight), len(cat.questions)))
+    return sum(loss * k for loss, k in parts) / sum(k for _, k in parts)
 
 
 def lr_at(cfg, step, steps, lr):
@@ -250,7 +257,8 @@ def step_loss(cfg, phase, net, seed, device, heads=None):
         return caption_loss(net, *caption_batch(cfg.vlm_batch, cfg.res, seed, device=device)[:2])
     if phase == "vqa":
         families = data.FAMILIES if cfg.families == "all" else cfg.families.split(",")
-        loss = vqa_step_loss(net, cfg.vlm_batch, cfg.res, seed, families, cfg.statement_weight, device)
+        loss = vqa_step_loss(net, cfg.vlm_batch, cfg.res, seed, families, cfg.statement_weight, device,
+                             cfg.vlm_same_batch)
         if cfg.vlm_rehearsal:  # without it, yes/no erases what captioning taught (held-out shape words: 0.70 -> 0.09)
             captions = caption_batch(cfg.vlm_batch // 2, cfg.res, seed, device=device)[:2]
             loss = loss + cfg.vlm_rehearsal * caption_loss(net, *captions)

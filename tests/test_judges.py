@@ -79,6 +79,15 @@ def test_judges_are_differentiable_in_the_pixels(vlm, tmp_path):
     assert g1.abs().sum() > 0 and g2.abs().sum() > 0
 
 
+def test_every_yes_no_question_weighs_the_same_whatever_its_family_batch(vlm):
+    judge = judges.Judge(*vlm)
+    with torch.no_grad():  # statement term off: the step loss is then the mean answer NLL over all 6 + 6 + 10 questions
+        loss = judges.vqa_step_loss(judge, 18, 32, 7, ("color", "shape", "same"), 0.0, n_same=10)
+        parts = [(judge.loss(v.images, v.questions, v.answers, v.images2), len(v.questions))
+                 for v in (data.vqa_batch(f, k, 32, seed=7) for f, k in (("color", 6), ("shape", 6), ("same", 10)))]
+    assert torch.allclose(loss, sum(l * k for l, k in parts) / 22, atol=1e-5)
+
+
 def test_save_then_auto_class_reload_gives_the_same_log_probs(vlm, tmp_path):
     model_, processor = vlm
     model_.save_pretrained(tmp_path / "vlm")
