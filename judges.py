@@ -48,7 +48,8 @@ class Config:
     statement_weight: float = 1.0  # phase 2: weight of the LM loss on the true questions (see vqa_loss)
     vlm_rehearsal: float = 1.0     # phase 2: weight of a caption loss (half a batch) kept beside the yes/no loss
     vlm_batch: int = 72            # examples per step (phase 2: an equal share per one-image family)
-    vlm_same_batch: int = 48       # phase 2: two-image "same" questions per step (see vqa_step_loss)
+    vlm_family_batch: str = "same:48,size:24"  # phase 2: questions per step of the families that need more than an
+                                   # equal share (see vqa_step_loss)
     vlm_lr: float = 3e-4           # peak AdamW learning rate (warm-up, then cosine, per phase)
     reward_steps: int = 1500       # optimizer steps of each reward model
     reward_batch: int = 32         # images (pairs) per step
@@ -155,16 +156,16 @@ def vqa_loss(judge, v, statement_weight=1.0):
     return answer + statement_weight * statement
 
 
-def vqa_step_loss(judge, n, res, seed, families, statement_weight, device="cpu", n_same=None):
-    """n // len(families) questions of each one-image family, in one forward, and n_same (default: as many) two-image
-    "same" questions in another; every question weighs the same.
+def vqa_step_loss(judge, n, res, seed, families, statement_weight, device="cpu", counts=None):
+    """n // len(families) questions of each family, or counts[family] where given; the one-image questions in one
+    forward, the two-image "same" questions in another; every question weighs the same.
 
-    The two-image family needs many more examples than an equal share: with 4 per step it stayed at chance (0.52).
-    Measured (small preset, batch 36, seed 0): 24 per step -> 0.81, 48 -> 0.91; a trained VLM fine-tuned on it alone
-    went from 0.52 to 0.94 in 1,500 steps of 36, after 300 steps at chance. Batch 72 with 48 "same" questions:
-    0.935-0.95 over three seeds, and shape 0.95-0.995 (0.765-0.92 at batch 36)."""
-    share = max(2, n // len(families))
-    batches = [data.vqa_batch(f, (n_same or share) if f == "same" else share, res, device, seed) for f in families]
+    Two families need many more examples than an equal share. Same-subject (two images) stayed at chance (0.52)
+    with 4 per step; at batch 36, 24 per step -> 0.81, 48 -> 0.91. Relative size ("is the red circle bigger than
+    the blue square ?") sat at chance on some seeds with 8 per step beside the 48 (0.445 on seed 0), and 400 more
+    steps of the same mix left it there (0.46); with 24 per step it went 0.425 -> 0.925 in 300 steps."""
+    share, counts = max(2, n // len(families)), counts or {}
+    batches = [data.vqa_batch(f, counts.get(f, share), res, device, seed) for f in families]
     one, two = [v for v in batches if v.images2 is None], [v for v in batches if v.images2 is not None]
     parts = [(vqa_loss(judge, v, statement_weight), len(v.questions)) for v in two]
     if one:
@@ -172,6 +173,18 @@ def vqa_step_loss(judge, n, res, seed, families, statement_weight, device="cpu",
                        torch.cat([v.answers for v in one]))
         parts.append((vqa_loss(judge, cat, statement_weight), len(cat.questions)))
     return sum(loss * k for loss, k in parts) / sum(k for _, k in parts)
+
+
+def family_batch(cfg):
+    """--vlm_family_batch="same:48,size:24" -> {"same": 48, "size": 24}; an unknown family is an error."""
+    counts = {}
+    for item in filter(None, cfg.vlm_family_batch.split(",")):
+        family, _, k = item.partition(":")
+        if family not in data.FAMILIES or not k.isdigit() or int(k) < 2:
+            raise SystemExit(f"bad --vlm_family_batch item {item!r}: family:count, families from {data.FAMILIES}, "
+                             "count >= 2")
+        counts[family] = int(k)
+    return counts
 
 
 def lr_at(cfg, step, steps, lr):
@@ -259,7 +272,7 @@ def step_loss(cfg, phase, net, seed, device, heads=None):
     if phase == "vqa":
         families = data.FAMILIES if cfg.families == "all" else cfg.families.split(",")
         loss = vqa_step_loss(net, cfg.vlm_batch, cfg.res, seed, families, cfg.statement_weight, device,
-                             cfg.vlm_same_batch)
+                             family_batch(cfg))
         if cfg.vlm_rehearsal:  # without it, yes/no erases what captioning taught (held-out shape words: 0.70 -> 0.09)
             captions = caption_batch(cfg.vlm_batch // 2, cfg.res, seed, device=device)[:2]
             loss = loss + cfg.vlm_rehearsal * caption_loss(net, *captions)
@@ -333,6 +346,7 @@ def main(cfg):
     if bad:
         raise SystemExit(f"unknown judge or family {bad[0]!r}: --what from vlm,alignment,aesthetic, "
                          f"--families from {','.join(data.FAMILIES)}")
+    family_batch(cfg)  # a bad --vlm_family_batch fails here, not after the first phases
     os.makedirs(cfg.results, exist_ok=True)
     if "vlm" in what:
         judge = get_judge(cfg, "vlm", env)

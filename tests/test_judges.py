@@ -82,7 +82,7 @@ def test_judges_are_differentiable_in_the_pixels(vlm, tmp_path):
 def test_every_yes_no_question_weighs_the_same_whatever_its_family_batch(vlm):
     judge = judges.Judge(*vlm)
     with torch.no_grad():  # statement term off: the step loss is then the mean answer NLL over all 6 + 6 + 10 questions
-        loss = judges.vqa_step_loss(judge, 18, 32, 7, ("color", "shape", "same"), 0.0, n_same=10)
+        loss = judges.vqa_step_loss(judge, 18, 32, 7, ("color", "shape", "same"), 0.0, counts=dict(same=10))
         parts = [(judge.loss(v.images, v.questions, v.answers, v.images2), len(v.questions))
                  for v in (data.vqa_batch(f, k, 32, seed=7) for f, k in (("color", 6), ("shape", 6), ("same", 10)))]
     assert torch.allclose(loss, sum(l * k for l, k in parts) / 22, atol=1e-5)
@@ -202,6 +202,10 @@ def test_bad_inputs_are_clear_errors(vlm, tmp_path):
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llm")
     with pytest.raises(SystemExit, match="not an image-text-to-text model"):
         judges.load_judge(str(tmp_path / "llm"))
+    for bad in ("sizes:24", "size:1", "size=24"):
+        with pytest.raises(SystemExit, match="bad --vlm_family_batch item"):
+            judges.family_batch(judges.Config(vlm_family_batch=bad))
+    assert judges.family_batch(judges.Config()) == dict(same=48, size=24)
 
 
 def test_reward_models_learn_their_preferences():
