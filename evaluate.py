@@ -9,6 +9,7 @@ same noise), and scored by scorer.py: no learned judge. t2i is also reported on 
 and on held-out colour-shape pairs (never seen in training). A label can be given per checkpoint as
 LABEL=PATH. Scores are fractions in [0, 1] except PSNR (dB) and seam error ([0, 1] pixel units).
 """
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 
 import data
 import scorer
+import world
 from sample import euler
 from train import load_model, model_inputs, parse_config
 
@@ -31,6 +33,7 @@ class Config:
     cfg_scale: float = 1.0        # classifier-free guidance
     seed: int = 0                 # data and noise seed (the same for every checkpoint)
     name: str = "eval"            # results/<name>.md and results/<name>.json
+    shape_probe: int = 0          # t2i: also draw this many 1-object scenes once per shape word (0 = off)
     device: str = "auto"          # auto | cpu | cuda
 
 
@@ -54,6 +57,43 @@ def evaluate_task(model, task, n, res, device, split="test", n_objects=None, ste
     return {k: sum(r[k] * w for r, w in zip(rows, weights)) / sum(weights) for k in rows[0]}
 
 
+@torch.no_grad()
+def shape_probe(model, n, res, device, steps=16, cfg_scale=1.0, seed=0):
+    """Draw n one-object test scenes four times, once per shape word, from the same noise. Returns
+    confusion[asked][found] (counts; "other" = not exactly one object) and, for each pair of shape words, the
+    mean |difference| of the two drawings divided by that of the two true renders: near 0 means the model
+    draws the same thing whichever of the two shapes the caption names. Only colours that are never held out
+    are used, so every swapped caption is a training combination."""
+    colours = sorted({c for c in world.COLORS} - {c for c, _ in world.HELDOUT})
+    b = data.make_batch("t2i", 4 * n, res, device, seed=seed, split="test", n_objects=1)
+    keep = [i for i, s in enumerate(b.specs) if s.objects[0].color in colours][:n]
+    noise = torch.randn(len(keep), 3, res, res, generator=torch.Generator().manual_seed(seed)).to(device)
+    task = torch.zeros(len(keep), dtype=torch.long, device=device)
+    drawn, rendered, confusion = {}, {}, {}
+    for shape in world.SHAPES:
+        specs = [world.Scene([dataclasses.replace(b.specs[i].objects[0], shape=shape)], b.specs[i].sky,
+                             b.specs[i].ground, b.specs[i].horizon) for i in keep]
+        texts = [" ".join(shape if w in world.SHAPES else w for w in b.text[i].split()) for i in keep]
+        tokens = world.tokenize(texts).to(device)
+        drawn[shape] = euler(model, noise, dict(task=task, tokens=tokens), steps, cfg_scale).clamp(-1, 1)
+        rendered[shape] = world.render(specs, res, device)
+        found = [scorer.parse(x).objects for x in drawn[shape]]
+        confusion[shape] = {k: sum(len(f) == 1 and f[0].shape == k for f in found) for k in world.SHAPES}
+        confusion[shape]["other"] = sum(len(f) != 1 for f in found)
+    sensitivity = {f"{a}/{b_}": float((drawn[a] - drawn[b_]).abs().mean() / (rendered[a] - rendered[b_]).abs().mean())
+                   for j, a in enumerate(world.SHAPES) for b_ in world.SHAPES[j + 1:]}
+    return dict(n=len(keep), confusion=confusion, sensitivity=sensitivity)
+
+
+def probe_lines(label, p):
+    head = ["", f"Shape probe of {label}: {p['n']} one-object test scenes drawn once per shape word from the same "
+            "noise; rows = the shape asked for, columns = the shape the scorer reads.", "",
+            "| asked | " + " | ".join(world.SHAPES) + " | other |", "|---|" + "---|" * (len(world.SHAPES) + 1)]
+    rows = [f"| {a} | " + " | ".join(str(v) for v in p["confusion"][a].values()) + " |" for a in world.SHAPES]
+    return head + rows + ["", "Drawings' difference / renders' difference, per pair of shape words: " +
+                          ", ".join(f"{k} {v:.2f}" for k, v in p["sensitivity"].items())]
+
+
 HEADLINE = {"psnr_outside": "PSNR out", "seam_error": "seam", "concept_debiased": "CP debiased",
             "prompt": "PF"}  # extra columns next to success
 
@@ -65,7 +105,7 @@ def main(cfg):
     bad = [t for t in tasks if t not in data.TASKS]
     if bad or not cfg.ckpts:
         raise SystemExit(f"unknown task {bad[0]!r}" if bad else "--ckpts=PATH[,PATH...] is required")
-    results = {}
+    results, probes = {}, {}
     for item in cfg.ckpts.split(","):
         label, _, path = item.rpartition("=")
         label = label or os.path.basename(os.path.dirname(path)) or path
@@ -80,6 +120,8 @@ def main(cfg):
                                   cfg.batch_size)
                 results[label][name] = m
                 print(f"{label:>16s} {name:20s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
+            if task == "t2i" and cfg.shape_probe:
+                probes[label] = shape_probe(model, cfg.shape_probe, res, device, cfg.steps, cfg.cfg_scale, cfg.seed)
     columns = [c for c in dict.fromkeys(k for r in results.values() for k in r)]
     lines = [f"Exact-scorer success (fraction right) of each checkpoint, {cfg.n} test examples per column, "
              f"{cfg.steps} Euler steps, CFG {cfg.cfg_scale}. Command: `python evaluate.py {cfg_args(cfg)}`", "",
@@ -92,11 +134,13 @@ def main(cfg):
                               if m and k in m)
             cells.append("-" if m is None else f"{m['success']:.3f}" + (f" ({extra})" if extra else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for label, p in probes.items():
+        lines += probe_lines(label, p)
     os.makedirs("results", exist_ok=True)
     with open(f"results/{cfg.name}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(f"results/{cfg.name}.json", "w") as f:
-        json.dump(dict(config=vars(cfg), results=results), f, indent=1)
+        json.dump(dict(config=vars(cfg), results=results, **({"shape_probe": probes} if probes else {})), f, indent=1)
     print("\n".join(lines))
     print(f"wrote results/{cfg.name}.md and results/{cfg.name}.json")
     return results

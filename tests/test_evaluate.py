@@ -1,0 +1,31 @@
+"""evaluate.py's shape probe tells a model that draws the shape it is asked for from one that does not."""
+import torch
+
+import evaluate
+import world
+
+
+class Oracle(torch.nn.Module):
+    """The exact flow field v = (x_t - x0) / t of a large object in the centre whose shape is the caption's shape
+    word, or always a circle when `blind`: Euler sampling then lands exactly on that render."""
+
+    def __init__(self, blind=False):
+        super().__init__()
+        self.blind = blind
+
+    def forward(self, x, t, task, tokens, cond=None, ref=None):
+        shapes = [world.SHAPES[0] if self.blind else next(w for w in map(world.VOCAB.__getitem__, row.tolist())
+                                                          if w in world.SHAPES) for row in tokens]
+        x0 = world.render([world.Scene([world.Obj(s, "green", "large", 4)], "white", "white") for s in shapes], 32)
+        return (x - x0) / t.view(-1, 1, 1, 1)
+
+
+def test_shape_probe_reads_the_shape_word_or_its_absence():
+    seeing = evaluate.shape_probe(Oracle(), n=6, res=32, device="cpu", steps=4)
+    assert seeing["n"] == 6
+    for shape in world.SHAPES:
+        assert seeing["confusion"][shape][shape] == 6
+    assert min(seeing["sensitivity"].values()) > 0.3
+    blind = evaluate.shape_probe(Oracle(blind=True), n=6, res=32, device="cpu", steps=4)
+    assert all(blind["confusion"][shape]["circle"] == 6 for shape in world.SHAPES)
+    assert max(blind["sensitivity"].values()) == 0
