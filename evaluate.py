@@ -65,23 +65,24 @@ def shape_probe(model, n, res, device, steps=16, cfg_scale=1.0, seed=0):
     draws the same thing whichever of the two shapes the caption names. Only colours that are never held out
     are used, so every swapped caption is a training combination."""
     colours = sorted({c for c in world.COLORS} - {c for c, _ in world.HELDOUT})
-    b = data.make_batch("t2i", 4 * n, res, device, seed=seed, split="test", n_objects=1)
-    keep = [i for i, s in enumerate(b.specs) if s.objects[0].color in colours][:n]
+    batch = data.make_batch("t2i", 4 * n, res, device, seed=seed, split="test", n_objects=1)
+    keep = [i for i, s in enumerate(batch.specs) if s.objects[0].color in colours][:n]
     noise = torch.randn(len(keep), 3, res, res, generator=torch.Generator().manual_seed(seed)).to(device)
     task = torch.zeros(len(keep), dtype=torch.long, device=device)
     drawn, rendered, confusion = {}, {}, {}
     for shape in world.SHAPES:
-        specs = [world.Scene([dataclasses.replace(b.specs[i].objects[0], shape=shape)], b.specs[i].sky,
-                             b.specs[i].ground, b.specs[i].horizon) for i in keep]
-        texts = [" ".join(shape if w in world.SHAPES else w for w in b.text[i].split()) for i in keep]
+        specs = [world.Scene([dataclasses.replace(batch.specs[i].objects[0], shape=shape)], batch.specs[i].sky,
+                             batch.specs[i].ground, batch.specs[i].horizon) for i in keep]
+        texts = [" ".join(shape if w in world.SHAPES else w for w in batch.text[i].split()) for i in keep]
         tokens = world.tokenize(texts).to(device)
         drawn[shape] = euler(model, noise, dict(task=task, tokens=tokens), steps, cfg_scale).clamp(-1, 1)
         rendered[shape] = world.render(specs, res, device)
         found = [scorer.parse(x).objects for x in drawn[shape]]
         confusion[shape] = {k: sum(len(f) == 1 and f[0].shape == k for f in found) for k in world.SHAPES}
         confusion[shape]["other"] = sum(len(f) != 1 for f in found)
-    sensitivity = {f"{a}/{b_}": float((drawn[a] - drawn[b_]).abs().mean() / (rendered[a] - rendered[b_]).abs().mean())
-                   for j, a in enumerate(world.SHAPES) for b_ in world.SHAPES[j + 1:]}
+    pairs = [(a, b) for j, a in enumerate(world.SHAPES) for b in world.SHAPES[j + 1:]]
+    sensitivity = {f"{a}/{b}": float((drawn[a] - drawn[b]).abs().mean() / (rendered[a] - rendered[b]).abs().mean())
+                   for a, b in pairs}
     return dict(n=len(keep), confusion=confusion, sensitivity=sensitivity)
 
 
