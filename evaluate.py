@@ -106,6 +106,8 @@ def main(cfg):
     bad = [t for t in tasks if t not in data.TASKS]
     if bad or not cfg.ckpts:
         raise SystemExit(f"unknown task {bad[0]!r}" if bad else "--ckpts=PATH[,PATH...] is required")
+    if not cfg.name or os.sep in cfg.name or cfg.name.startswith("."):
+        raise SystemExit(f"--name={cfg.name!r} must be a plain file name: results go to results/<name>.md and .json")
     results, probes = {}, {}
     for item in cfg.ckpts.split(","):
         label, _, path = item.rpartition("=")

@@ -1,4 +1,5 @@
 """evaluate.py's shape probe tells a model that draws the shape it is asked for from one that does not."""
+import pytest
 import torch
 
 import evaluate
@@ -29,3 +30,8 @@ def test_shape_probe_reads_the_shape_word_or_its_absence():
     blind = evaluate.shape_probe(Oracle(blind=True), n=6, res=32, device="cpu", steps=4)
     assert all(blind["confusion"][shape]["circle"] == 6 for shape in world.SHAPES)
     assert max(blind["sensitivity"].values()) == 0
+
+
+def test_a_name_that_is_a_path_is_a_clear_error():
+    with pytest.raises(SystemExit, match="must be a plain file name"):
+        evaluate.main(evaluate.parse_config(evaluate.Config(), ["--ckpts=x.pt", "--name=../elsewhere"]))
