@@ -64,15 +64,15 @@ def shape_probe(model, n, res, device, steps=16, cfg_scale=1.0, seed=0):
     mean |difference| of the two drawings divided by that of the two true renders: near 0 means the model
     draws the same thing whichever of the two shapes the caption names. Only colours that are never held out
     are used, so every swapped caption is a training combination."""
-    colours = sorted({c for c in world.COLORS} - {c for c, _ in world.HELDOUT})
+    colours = set(world.COLORS) - {c for c, _ in world.HELDOUT}
     batch = data.make_batch("t2i", 4 * n, res, device, seed=seed, split="test", n_objects=1)
     keep = [i for i, s in enumerate(batch.specs) if s.objects[0].color in colours][:n]
     noise = torch.randn(len(keep), 3, res, res, generator=torch.Generator().manual_seed(seed)).to(device)
     task = torch.zeros(len(keep), dtype=torch.long, device=device)
     drawn, rendered, confusion = {}, {}, {}
     for shape in world.SHAPES:
-        specs = [world.Scene([dataclasses.replace(batch.specs[i].objects[0], shape=shape)], batch.specs[i].sky,
-                             batch.specs[i].ground, batch.specs[i].horizon) for i in keep]
+        specs = [dataclasses.replace(s, objects=[dataclasses.replace(s.objects[0], shape=shape)])
+                 for s in (batch.specs[i] for i in keep)]
         texts = [" ".join(shape if w in world.SHAPES else w for w in batch.text[i].split()) for i in keep]
         tokens = world.tokenize(texts).to(device)
         drawn[shape] = euler(model, noise, dict(task=task, tokens=tokens), steps, cfg_scale).clamp(-1, 1)
