@@ -14,7 +14,8 @@ with adaLN-Zero blocks, run over one joint sequence
 - What is not pixel-aligned (the customisation reference) enters as clean extra tokens with a learned type
   embedding, as in Diffusion Self-Distillation's two-panel design (Cai et al. 2025).
 - Text: learned word embeddings + a small pre-norm transformer trained with the model. Pads are a learned
-  token, so no attention mask is ever needed and SDPA can take its flash kernel on CUDA.
+  token, so no attention mask is ever needed and SDPA can take its flash kernel on CUDA. Option `pooled_text`:
+  the mean of the caption's word features also joins c, as SD3 adds a pooled caption (README: the base).
 - LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3: h = W0 x + B A x)
   as a small wrapper on nn.Linear, used by the method scripts for students and per-task adapters.
 
@@ -47,6 +48,7 @@ class DiTConfig:
     conv_head: bool = True        # zero-init residual 3x3 conv stack over the unpatchified output (DESIGN.md, round 3)
     head_channels: int = 8        # extra output channels the final layer hands to the conv head
     qk_norm: bool = True          # RMSNorm on queries and keys per head (stabilises attention logits)
+    pooled_text: bool = False     # also add the caption's mean word feature to the adaLN vector c (as SD3 does)
 
 
 PRESETS = {
@@ -231,6 +233,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.task_embedder = nn.Embedding(cfg.num_tasks, D)
         self.text_encoder = TextEncoder(cfg)
+        self.text_pool = nn.Linear(D, D) if cfg.pooled_text else None
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(D, p, self.out_channels)
         self.conv_head = ConvHead(self.out_channels + cfg.in_channels, cfg.in_channels) if cfg.conv_head else None
@@ -265,12 +268,16 @@ class DiT(nn.Module):
         if cond is not None:
             h = h + self.cond_embedder(patchify(cond, p))                          # (B, N, D)
         task_emb = self.task_embedder(task)                                        # (B, D)
-        seq = [task_emb[:, None], self.text_encoder(tokens)]                       # (B, 1, D), (B, L, D)
+        text = self.text_encoder(tokens)                                           # (B, L, D)
+        seq = [task_emb[:, None], text]
         if ref is not None:
             seq.append(self.ref_embedder(patchify(ref, p)) + self.pos_embed + self.ref_type)  # (B, N, D)
         seq.append(h)
         h = torch.cat(seq, dim=1)                                                  # (B, T, D)
         c = self.t_embedder(t) + task_emb                                          # (B, D)
+        if self.text_pool is not None:  # mean over the caption's words; the empty caption adds nothing
+            words = (tokens != 0)[..., None].to(text.dtype)                        # (B, L, 1)
+            c = c + self.text_pool((text * words).sum(1) / words.sum(1).clamp(min=1)) * words.amax(1)
         for block in self.blocks:
             h = block(h, c)                                                        # (B, T, D)
         out = self.final_layer(h[:, -self.grid ** 2:], c)                          # (B, N, p*p*C)

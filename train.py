@@ -40,6 +40,7 @@ class Config:
     task: str = "t2i"              # t2i | local_edit | global_edit | inpaint | outpaint | customize | joint
     joint_tasks: str = "t2i,local_edit,global_edit"  # the union that --task=joint trains on
     preset: str = "small"          # model preset (model.PRESETS): tiny | small | base
+    pooled_text: bool = False      # model option: the caption's mean word feature joins the adaLN vector (README)
     init_from: str = ""            # checkpoint to fine-tune from ("" = train from scratch)
     out: str = "out/base"          # run directory: ckpt.pt, log.jsonl, samples.png
     resume: bool = False           # continue out/ckpt.pt to `steps`
@@ -217,7 +218,7 @@ def train(cfg):
     if bad or cfg.batch_size % env.world:
         raise SystemExit(f"unknown task {bad[0]!r} (tasks: {', '.join(data.TASKS)}, joint)" if bad else
                          f"--batch_size={cfg.batch_size} is not divisible by {env.world} processes")
-    mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
+    mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS, pooled_text=cfg.pooled_text)
     torch.manual_seed(cfg.seed)  # the initial weights; everything later draws from step_generator
     model = DiT(mcfg).to(env.device)
     ckpt_path, start, trained = os.path.join(cfg.out, "ckpt.pt"), 0, []

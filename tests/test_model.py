@@ -64,6 +64,19 @@ def test_ref_tokens_and_text_change_the_output(model):
     assert not torch.allclose(v, m(a["x"], a["t"], (a["task"] + 1) % 6, a["tokens"]))
 
 
+def test_pooled_text_conditions_adaln_and_the_empty_caption_adds_nothing():
+    torch.manual_seed(0)
+    m, a = DiT(preset("tiny", pooled_text=True)), inputs()
+    v = m(a["x"], a["t"], a["task"], a["tokens"])
+    assert torch.equal(v, torch.zeros_like(v))                       # adaLN-Zero still holds
+    m = perturbed(m)
+    plain = copy.deepcopy(m)
+    plain.text_pool = None                                           # the same weights without the pooled path
+    empty = torch.zeros_like(a["tokens"])                            # the CFG-dropped caption: all pads
+    assert torch.equal(m(a["x"], a["t"], a["task"], empty), plain(a["x"], a["t"], a["task"], empty))
+    assert not torch.allclose(m(a["x"], a["t"], a["task"], a["tokens"]), plain(a["x"], a["t"], a["task"], a["tokens"]))
+
+
 def test_too_long_caption_is_an_error(model):
     a = inputs(L=49)
     with pytest.raises(ValueError, match="at most 48"):
