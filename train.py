@@ -64,6 +64,7 @@ class Config:
     seed: int = 0                  # everything random is a function of (seed, step)
     device: str = "auto"           # auto | cpu | cuda
     compile: str = "auto"          # auto (= on for CUDA) | on | off
+    precision: str = "auto"        # auto (= bf16 autocast on CUDA, fp32 on the CPU) | fp32
     quiet: bool = False            # no progress bar
 
 
@@ -109,10 +110,14 @@ def setup(cfg):
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    precision = getattr(cfg, "precision", "auto")  # only train.py has the option; the other scripts use auto
+    if precision not in ("auto", "fp32"):
+        raise SystemExit(f"--precision takes auto or fp32, not {precision!r}")
+    fast = cuda and precision == "auto"  # bf16 autocast and TF32 matmuls; --precision=fp32 is strict fp32
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if fast else contextlib.nullcontext()
     return Env(device, ctx, cfg.compile == "on" or (cfg.compile == "auto" and cuda), rank, world)
 
 

@@ -62,6 +62,8 @@ def test_bad_options_are_clear_errors(tmp_path):
         run(tmp_path / "x", "--task=paint")
     with pytest.raises(SystemExit, match="missing checkpoint"):
         run(tmp_path / "x", "--init_from=nope.pt")
+    with pytest.raises(SystemExit, match="--precision takes auto or fp32, not 'fp16'"):
+        run(tmp_path / "x", "--precision=fp16")
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):
