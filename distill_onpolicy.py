@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import data
 import world
-from model import DiT, PRESETS, add_lora, merge_lora, preset
+from model import DiT, DiTConfig, PRESETS, add_lora, merge_lora, preset
 from sample import guided_velocity, interpolate, rollout, timesteps
 from train import Config as TrainConfig, train as train_sft
 from train import load_checkpoint, load_model, model_inputs, parse_config, save_checkpoint, setup, step_generator
@@ -49,11 +49,11 @@ class Config:
     resume: bool = False           # continue out/ckpt.pt to `steps`
     base: str = ""                 # the base = T2I teacher = student init ("" = out/<preset>/base/ckpt.pt)
     experts: str = ""              # TASK=PATH,... of the other teachers (a task not named: out/<preset>/<task>/ckpt.pt)
-    base_steps: int = 3000         # train.py steps when the base is missing and must be built (README recipe)
-    base_batch: int = 64           # its batch: batch 32 had not learned layout after 2500 steps, 64 had by 3000
-    base_objects: int = 1          # objects per T2I scene: the base's data, the t2i bucket, evaluation (0 = 1-3)
-    expert_steps: int = 3000       # train.py steps per expert (SFT from the base) when one must be built; 1000 left
-                                   # the edit teachers at the floor (success 0.03 / 0.01 against 0.25 / 0.32)
+    base_steps: int = 0            # train.py steps when the base is missing and must be built (0 = RECIPES below)
+    base_batch: int = 0            # its batch (0 = RECIPES below)
+    base_objects: int = -1         # objects per T2I scene: the base's data, the t2i bucket, evaluation (0 = 1-3,
+                                   # -1 = RECIPES below)
+    expert_steps: int = 0          # train.py steps per expert (SFT from the base) when one must be built (0 = RECIPES)
     tasks: str = "t2i,local_edit,global_edit"  # the capabilities routed to, one teacher each
     steps: int = 300               # distillation steps (paper: 3000; a CPU step costs ~18 forward passes)
     stop_at: int = 0               # stop (and checkpoint) after this step, as an interrupted run would (0 = steps)
@@ -88,6 +88,15 @@ class Config:
 # high-t ablations; low = always the last state before the final step (t = 1/n); uniform = Beta(1, 1).
 QUERY = {"beta": (5, 2), "median": (5, 5), "high": (2, 5), "uniform": (1, 1), "low": None}
 MODES, ROUTINGS = ("onpolicy", "offpolicy", "dense"), ("hard", "soft")
+
+# How a missing base or expert is built, per preset: train.py options. small (and tiny, for tests): the README's
+# CPU recipe; batch 32 had not learned layout after 2,500 steps, 64 had by 3,000, and 1,000 expert steps left the
+# edit teachers at the floor (success 0.03 / 0.01 against 0.25 / 0.32). base: the base recipe measured on one H100
+# (README, "The base preset on one GPU": 1.000 on every t2i column); its expert recipe is not measured yet.
+CPU_RECIPE = dict(base=dict(steps=3000, batch_size=64, n_objects=1), expert=dict(steps=3000))
+RECIPES = dict(tiny=CPU_RECIPE, small=CPU_RECIPE,
+               base=dict(base=dict(steps=2800, batch_size=256, n_objects=0, lr=3e-4, warmup=300, pooled_text=True),
+                         expert=dict(steps=2000, batch_size=256, lr=3e-4, warmup=100)))
 ATTRIBUTES = ("shape", "color", "size", "cell", "line", "count", "horizon", "sky", "ground")  # scorer's per-attribute
 
 
@@ -111,30 +120,57 @@ def check_config(cfg):
     return tasks
 
 
+def t2i_objects(cfg):
+    """Objects per T2I scene in the base's data, the t2i bucket and evaluation: a count, or None for 1-3."""
+    n = RECIPES[cfg.preset]["base"]["n_objects"] if cfg.base_objects < 0 else cfg.base_objects
+    return n or None
+
+
 # ----------------------------------------------------------------------------- teachers and student
 def prerequisites(cfg, tasks):
-    """{task: teacher checkpoint} plus "base"; missing ones are built with train.py and cached under out/."""
+    """({task: teacher checkpoint} plus "base", the base's DiTConfig). Missing checkpoints are built with
+    train.py (RECIPES) and cached under out/; the experts take the base's model options (pooled_text)."""
     root = os.path.join("out", cfg.preset)
     named = dict(item.split("=", 1) for item in cfg.experts.split(",") if item)
     paths = {"base": cfg.base or os.path.join(root, "base", "ckpt.pt")}
     paths.update({t: paths["base"] if t == "t2i" else named.get(t, os.path.join(root, t, "ckpt.pt")) for t in tasks})
     common = dict(preset=cfg.preset, seed=cfg.seed, device=cfg.device, compile=cfg.compile, quiet=cfg.quiet,
                   eval_n=0)
-    for task in ["base"] + [t for t in tasks if t != "t2i"]:
-        path, steps = paths[task], cfg.base_steps if task == "base" else cfg.expert_steps
-        if os.path.exists(path):
-            made = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")  # no copy
-            if made is not None and made != steps:  # e.g. a teacher cached under an older default
-                print(f"note: using cached {path}, trained {made} steps (this run would build {steps})")
-            continue
-        if os.path.basename(path) != "ckpt.pt":
-            raise SystemExit(f"missing checkpoint {path}: only a .../ckpt.pt can be built")
-        what = "the base model (the T2I teacher)" if task == "base" else f"the {task} expert (SFT from the base)"
-        print(f"building {what}: {path}, {steps} steps")
-        extra = dict(task="t2i", batch_size=cfg.base_batch, n_objects=cfg.base_objects, grid_rate=0.0) \
-            if task == "base" else dict(task=task, init_from=paths["base"])
-        train_sft(TrainConfig(out=os.path.dirname(path), steps=steps, **common, **extra))
-    return paths
+    recipe = RECIPES[cfg.preset]
+    build_if_missing(paths["base"], "the base model (the T2I teacher)", dict(
+        {**common, **recipe["base"]}, steps=cfg.base_steps or recipe["base"]["steps"], task="t2i",
+        batch_size=cfg.base_batch or recipe["base"]["batch_size"], n_objects=t2i_objects(cfg) or 0, grid_rate=0.0))
+    mcfg = base_model_config(cfg, load_checkpoint(paths["base"]), paths["base"])
+    for task in [t for t in tasks if t != "t2i"]:
+        build_if_missing(paths[task], f"the {task} expert (SFT from the base)", dict(
+            {**common, **recipe["expert"]}, steps=cfg.expert_steps or recipe["expert"]["steps"], task=task,
+            init_from=paths["base"], pooled_text=mcfg.pooled_text))
+    return paths, mcfg
+
+
+def build_if_missing(path, what, options):
+    """Train `path` with train.py `options` unless it exists (then only note a different step count)."""
+    if os.path.exists(path):
+        made = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")  # no copy
+        if made is not None and made != options["steps"]:  # e.g. a teacher cached under an older default
+            print(f"note: using cached {path}, trained {made} steps (this run would build {options['steps']})")
+        return
+    if os.path.basename(path) != "ckpt.pt":
+        raise SystemExit(f"missing checkpoint {path}: only a .../ckpt.pt can be built")
+    print(f"building {what}: {path}, {options['steps']} steps")
+    train_sft(TrainConfig(out=os.path.dirname(path), **options))
+
+
+def base_model_config(cfg, base_ckpt, path):
+    """The base's own DiTConfig (model options such as pooled_text come with it); its preset fields must be
+    --preset's. The teachers and the student all take this config."""
+    mcfg = DiTConfig(**base_ckpt["model_config"])
+    want = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
+    fields = [*PRESETS[cfg.preset], "vocab_size", "max_text_len"]
+    diff = {k: (getattr(want, k), getattr(mcfg, k)) for k in fields if getattr(want, k) != getattr(mcfg, k)}
+    if diff:
+        raise SystemExit(f"{path} is not a --preset={cfg.preset} model (wanted, found): {diff}")
+    return mcfg
 
 
 def load_teacher(path, mcfg, task, device):
@@ -178,7 +214,7 @@ def get_batch(cfg, tasks, step, res, device):
     """Step 1-2, hard routing: one task per step, uniform, drawn from (seed, step); the batch is its bucket."""
     route = tasks[int(torch.randint(len(tasks), (1,), generator=step_generator(cfg.seed, step, salt=1)))]
     return data.make_batch(route, cfg.batch_size, res, device, seed=cfg.seed * 1_000_003 + step,
-                           n_objects=cfg.base_objects or None)  # the teacher's T2I world (edits: unaffected)
+                           n_objects=t2i_objects(cfg))  # the teacher's T2I world (edits: unaffected)
 
 
 def query_index(gen, shape, n, position="beta"):
@@ -251,8 +287,7 @@ def train(cfg):
     env = setup(cfg)
     if env.world > 1:
         raise SystemExit("distill_onpolicy.py runs in one process (no torchrun)")
-    paths = prerequisites(cfg, tasks)
-    mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
+    paths, mcfg = prerequisites(cfg, tasks)
     base_ckpt = load_checkpoint(paths["base"], mcfg)
     teachers = {task: load_teacher(paths[task], mcfg, task, env.device) for task in tasks}
     torch.manual_seed(cfg.seed)  # the LoRA init; everything later draws from step_generator
@@ -274,7 +309,7 @@ def train(cfg):
     fields = {k: torch.compile(m) if env.compile else m for k, m in teachers.items()}
     res, n_probe = mcfg.image_size, min(16, cfg.batch_size)
     probes = {task: (data.make_batch(task, n_probe, res, env.device, seed=10_000, split="test",
-                                     n_objects=cfg.base_objects or None),
+                                     n_objects=t2i_objects(cfg)),
                      torch.randn(n_probe, 3, res, res, generator=torch.Generator().manual_seed(10_000)).to(env.device))
               for task in tasks}  # fixed conditions and noise for the field error in the log
 
@@ -340,7 +375,7 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
         models[label] = (load_model(path, device)[0], 1.0)
     res, results = student.config.image_size, {}
     for label, (model, scale) in tqdm(models.items(), desc="evaluate", disable=cfg.quiet):
-        results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, n_objects=cfg.base_objects or None,
+        results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, n_objects=t2i_objects(cfg),
                                            steps=cfg.rollout_steps, cfg_scale=scale) for t in tasks}
         for r in results[label].values():  # a graded companion to the all-or-nothing success
             r["attributes"] = sum(r[k] for k in ATTRIBUTES if k in r) / sum(k in r for k in ATTRIBUTES)
@@ -349,7 +384,7 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
     columns = tasks + ["average"]
     lines = [f"Exact-scorer success / mean attribute accuracy of the DanceOPD student and its references, "
              f"{cfg.eval_n} test examples per task, "
-             f"{cfg.rollout_steps} Euler steps, t2i scenes of {cfg.base_objects or '1-3'} object(s); student unguided, "
+             f"{cfg.rollout_steps} Euler steps, t2i scenes of {t2i_objects(cfg) or '1-3'} object(s); student unguided, "
              f"teachers at CFG {cfg.cfg_alpha}. "
              f"Student: {cfg.mode}, {cfg.routing} routing, query {cfg.query} K={cfg.query_k}, {cfg.steps} steps. "
              f"Command: `{f'python distill_onpolicy.py {command_args(cfg)}'.strip()}`", "",
