@@ -249,8 +249,8 @@ def main(cfg):
         raise SystemExit(f"unknown task {cfg.task!r} (tasks: {', '.join(data.TASKS)})" if cfg.task not in data.TASKS
                          else f"unknown preset {cfg.preset!r} ({', '.join(PRESETS)})")
     mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
-    dcfg = opd.Config(preset=cfg.preset, batch_size=cfg.batch_size, rollout_steps=cfg.rollout_steps,
-                      lora_rank=cfg.lora_rank, seed=cfg.seed)
+    dcfg = opd.resolve(opd.Config(preset=cfg.preset, batch_size=cfg.batch_size, rollout_steps=cfg.rollout_steps,
+                                  lora_rank=cfg.lora_rank, seed=cfg.seed, device=env.device.type))
     cuda = env.device.type == "cuda"
     name = torch.cuda.get_device_name(env.device) if cuda else "cpu"
     fwd = forward_flops(mcfg, cfg.task)

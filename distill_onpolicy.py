@@ -44,7 +44,7 @@ from train import load_checkpoint, load_model, model_inputs, parse_config, save_
 
 @dataclass
 class Config:
-    preset: str = "small"          # model preset (model.PRESETS): tiny | small | base
+    preset: str = "auto"           # model preset: tiny | small | base (auto = base on CUDA, small on the CPU)
     out: str = "out/danceopd"      # run directory: ckpt.pt (the merged student), log.jsonl
     resume: bool = False           # continue out/ckpt.pt to `steps`
     base: str = ""                 # the base = T2I teacher = student init ("" = out/<preset>/base/ckpt.pt)
@@ -55,10 +55,10 @@ class Config:
                                    # -1 = RECIPES below)
     expert_steps: int = 0          # train.py steps per expert (SFT from the base) when one must be built (0 = RECIPES)
     tasks: str = "t2i,local_edit,global_edit"  # the capabilities routed to, one teacher each
-    steps: int = 300               # distillation steps (paper: 3000; a CPU step costs ~18 forward passes)
+    steps: int = 0                 # distillation steps (0 = RECIPES: 300 on the CPU presets; paper: 3000)
     stop_at: int = 0               # stop (and checkpoint) after this step, as an interrupted run would (0 = steps)
-    batch_size: int = 16           # rollouts per step, all from the routed task's bucket
-    lr: float = 1e-3               # AdamW learning rate, constant (paper: 2e-4 on a 100x wider model)
+    batch_size: int = 0            # rollouts per step, all from the routed task's bucket (0 = RECIPES: 16 on CPU)
+    lr: float = 0.0                # AdamW learning rate, constant (0 = RECIPES: 1e-3 on CPU; paper: 2e-4, wider)
     weight_decay: float = 0.0      # AdamW weight decay (paper: 0)
     grad_clip: float = 1.0         # max global grad norm (paper: 1.0)
     lora_rank: int = 32            # student LoRA rank (paper: 128 on a much wider model); 0 = full fine-tune
@@ -89,14 +89,17 @@ class Config:
 QUERY = {"beta": (5, 2), "median": (5, 5), "high": (2, 5), "uniform": (1, 1), "low": None}
 MODES, ROUTINGS = ("onpolicy", "offpolicy", "dense"), ("hard", "soft")
 
-# How a missing base or expert is built, per preset: train.py options. small (and tiny, for tests): the README's
-# CPU recipe; batch 32 had not learned layout after 2,500 steps, 64 had by 3,000, and 1,000 expert steps left the
-# edit teachers at the floor (success 0.03 / 0.01 against 0.25 / 0.32). base: the base recipe measured on one H100
-# (README, "The base preset on one GPU": 1.000 on every t2i column); its expert recipe is not measured yet.
-CPU_RECIPE = dict(base=dict(steps=3000, batch_size=64, n_objects=1), expert=dict(steps=3000))
+# Per preset: how a missing base or expert is built (train.py options) and the distillation's steps, batch and lr.
+# small (and tiny, for tests): the README's CPU recipe; batch 32 had not learned layout after 2,500 base steps, 64
+# had by 3,000, and 1,000 expert steps left the edit teachers at the floor (success 0.03 / 0.01 against 0.25 /
+# 0.32). base: the base recipe measured on one H100 (README, "The base preset on one GPU": 1.000 on every t2i
+# column); its expert and distillation recipes are sized for the GPU budget but not measured yet.
+CPU_RECIPE = dict(base=dict(steps=3000, batch_size=64, n_objects=1), expert=dict(steps=3000),
+                  distill=dict(steps=300, batch_size=16, lr=1e-3))
 RECIPES = dict(tiny=CPU_RECIPE, small=CPU_RECIPE,
                base=dict(base=dict(steps=2800, batch_size=256, n_objects=0, lr=3e-4, warmup=300, pooled_text=True),
-                         expert=dict(steps=2000, batch_size=256, lr=3e-4, warmup=100)))
+                         expert=dict(steps=2000, batch_size=256, lr=3e-4, warmup=100),
+                         distill=dict(steps=1000, batch_size=64, lr=3e-4)))
 ATTRIBUTES = ("shape", "color", "size", "cell", "line", "count", "horizon", "sky", "ground")  # scorer's per-attribute
 
 
@@ -106,12 +109,15 @@ def check_config(cfg):
     bad = [t for t in tasks if t not in data.TASKS]
     problems = [f"unknown task {bad[0]!r} (tasks: {', '.join(data.TASKS)})" if bad else "",
                 f"--tasks has a task twice: {cfg.tasks}" if len(set(tasks)) < len(tasks) else "",
-                f"unknown preset {cfg.preset!r} ({', '.join(PRESETS)})" if cfg.preset not in PRESETS else "",
+                f"unknown preset {cfg.preset!r} (auto, {', '.join(PRESETS)})"
+                if cfg.preset not in ("auto", *PRESETS) else "",
                 f"--mode is one of {', '.join(MODES)}, not {cfg.mode!r}" if cfg.mode not in MODES else "",
                 f"--routing is hard or soft, not {cfg.routing!r}" if cfg.routing not in ROUTINGS else "",
                 f"--query is one of {', '.join(QUERY)}, not {cfg.query!r}" if cfg.query not in QUERY else "",
-                "--query_k, --rollout_steps, --batch_size and --steps must be >= 1"
-                if min(cfg.query_k, cfg.rollout_steps, cfg.batch_size, cfg.steps) < 1 else "",
+                "--query_k and --rollout_steps must be >= 1" if min(cfg.query_k, cfg.rollout_steps) < 1 else "",
+                "--batch_size, --steps, --lr, --base_steps, --base_batch and --expert_steps must be >= 0 (0 = the "
+                "preset's)" if min(cfg.batch_size, cfg.steps, cfg.lr, cfg.base_steps, cfg.base_batch,
+                                   cfg.expert_steps) < 0 else "",
                 "--lora_rank must be >= 0" if cfg.lora_rank < 0 else ""]
     problems += [f"--experts/--compare take LABEL=PATH,..., not {item!r}" for item in
                  (cfg.experts + "," + cfg.compare).split(",") if item and not item.partition("=")[2]]
@@ -120,10 +126,18 @@ def check_config(cfg):
     return tasks
 
 
-def t2i_objects(cfg):
-    """Objects per T2I scene in the base's data, the t2i bucket and evaluation: a count, or None for 1-3."""
-    n = RECIPES[cfg.preset]["base"]["n_objects"] if cfg.base_objects < 0 else cfg.base_objects
-    return n or None
+def resolve(cfg):
+    """A copy of cfg with what was left to the preset filled in: --preset=auto (base on CUDA, small on the CPU),
+    then the options left at 0 (-1 for base_objects) from RECIPES[preset]."""
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    name = cfg.preset if cfg.preset != "auto" else "base" if cuda else "small"
+    recipe = RECIPES[name]
+    return dataclasses.replace(
+        cfg, preset=name, base_steps=cfg.base_steps or recipe["base"]["steps"],
+        base_batch=cfg.base_batch or recipe["base"]["batch_size"],
+        base_objects=recipe["base"]["n_objects"] if cfg.base_objects < 0 else cfg.base_objects,
+        expert_steps=cfg.expert_steps or recipe["expert"]["steps"], steps=cfg.steps or recipe["distill"]["steps"],
+        batch_size=cfg.batch_size or recipe["distill"]["batch_size"], lr=cfg.lr or recipe["distill"]["lr"])
 
 
 # ----------------------------------------------------------------------------- teachers and student
@@ -138,12 +152,12 @@ def prerequisites(cfg, tasks):
                   eval_n=0)
     recipe = RECIPES[cfg.preset]
     build_if_missing(paths["base"], "the base model (the T2I teacher)", dict(
-        {**common, **recipe["base"]}, steps=cfg.base_steps or recipe["base"]["steps"], task="t2i",
-        batch_size=cfg.base_batch or recipe["base"]["batch_size"], n_objects=t2i_objects(cfg) or 0, grid_rate=0.0))
+        {**common, **recipe["base"]}, steps=cfg.base_steps, task="t2i", batch_size=cfg.base_batch,
+        n_objects=cfg.base_objects, grid_rate=0.0))
     mcfg = base_model_config(cfg, load_checkpoint(paths["base"]), paths["base"])
     for task in [t for t in tasks if t != "t2i"]:
         build_if_missing(paths[task], f"the {task} expert (SFT from the base)", dict(
-            {**common, **recipe["expert"]}, steps=cfg.expert_steps or recipe["expert"]["steps"], task=task,
+            {**common, **recipe["expert"]}, steps=cfg.expert_steps, task=task,
             init_from=paths["base"], pooled_text=mcfg.pooled_text))
     return paths, mcfg
 
@@ -214,7 +228,7 @@ def get_batch(cfg, tasks, step, res, device):
     """Step 1-2, hard routing: one task per step, uniform, drawn from (seed, step); the batch is its bucket."""
     route = tasks[int(torch.randint(len(tasks), (1,), generator=step_generator(cfg.seed, step, salt=1)))]
     return data.make_batch(route, cfg.batch_size, res, device, seed=cfg.seed * 1_000_003 + step,
-                           n_objects=t2i_objects(cfg))  # the teacher's T2I world (edits: unaffected)
+                           n_objects=cfg.base_objects or None)  # the teacher's T2I world (edits: unaffected)
 
 
 def query_index(gen, shape, n, position="beta"):
@@ -284,6 +298,7 @@ def field_error(student, teacher, batch, noise, steps=16, cfg_alpha=1.0):
 # ----------------------------------------------------------------------------- the run
 def train(cfg):
     tasks = check_config(cfg)
+    cfg = resolve(cfg)
     env = setup(cfg)
     if env.world > 1:
         raise SystemExit("distill_onpolicy.py runs in one process (no torchrun)")
@@ -309,7 +324,7 @@ def train(cfg):
     fields = {k: torch.compile(m) if env.compile else m for k, m in teachers.items()}
     res, n_probe = mcfg.image_size, min(16, cfg.batch_size)
     probes = {task: (data.make_batch(task, n_probe, res, env.device, seed=10_000, split="test",
-                                     n_objects=t2i_objects(cfg)),
+                                     n_objects=cfg.base_objects or None),
                      torch.randn(n_probe, 3, res, res, generator=torch.Generator().manual_seed(10_000)).to(env.device))
               for task in tasks}  # fixed conditions and noise for the field error in the log
 
@@ -375,7 +390,7 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
         models[label] = (load_model(path, device)[0], 1.0)
     res, results = student.config.image_size, {}
     for label, (model, scale) in tqdm(models.items(), desc="evaluate", disable=cfg.quiet):
-        results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, n_objects=t2i_objects(cfg),
+        results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, n_objects=cfg.base_objects or None,
                                            steps=cfg.rollout_steps, cfg_scale=scale) for t in tasks}
         for r in results[label].values():  # a graded companion to the all-or-nothing success
             r["attributes"] = sum(r[k] for k in ATTRIBUTES if k in r) / sum(k in r for k in ATTRIBUTES)
@@ -384,7 +399,7 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
     columns = tasks + ["average"]
     lines = [f"Exact-scorer success / mean attribute accuracy of the DanceOPD student and its references, "
              f"{cfg.eval_n} test examples per task, "
-             f"{cfg.rollout_steps} Euler steps, t2i scenes of {t2i_objects(cfg) or '1-3'} object(s); student unguided, "
+             f"{cfg.rollout_steps} Euler steps, t2i scenes of {cfg.base_objects or '1-3'} object(s); student unguided, "
              f"teachers at CFG {cfg.cfg_alpha}. "
              f"Student: {cfg.mode}, {cfg.routing} routing, query {cfg.query} K={cfg.query_k}, {cfg.steps} steps. "
              f"Command: `{f'python distill_onpolicy.py {command_args(cfg)}'.strip()}`", "",
@@ -402,7 +417,7 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
 
 def command_args(cfg):
     """The --key=value flags of `cfg` that differ from the defaults: the command that reproduces a run."""
-    default = Config()
+    default = resolve(Config(device=cfg.device))
     return " ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if getattr(default, k) != v)
 
 

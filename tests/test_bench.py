@@ -55,7 +55,7 @@ def test_forward_flops_equal_flop_counter(task, lora_rank):
 def test_danceopd_step_flops_equal_flop_counter():
     """The forward half of a real distill_loss (rollout + teacher query + student forward) is counted exactly;
     the step's count adds 2 forwards of the student for the backward."""
-    dcfg = opd.Config(preset="tiny", batch_size=2, rollout_steps=3, lora_rank=4)
+    dcfg = opd.resolve(opd.Config(preset="tiny", batch_size=2, rollout_steps=3, lora_rank=4))
     torch.manual_seed(0)
     teacher = DiT(MCFG).eval().requires_grad_(False)
     student = opd.make_student(teacher.state_dict(), MCFG, dcfg.lora_rank, 1.0, "cpu")

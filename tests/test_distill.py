@@ -37,7 +37,7 @@ def frozen(model):
 
 
 def config(**kw):
-    return opd.Config(**{**dict(preset="tiny", batch_size=4, lora_rank=0), **kw})
+    return opd.resolve(opd.Config(**{**dict(preset="tiny", batch_size=4, lora_rank=0), **kw}))
 
 
 def grads(model):
@@ -280,3 +280,14 @@ def test_the_base_checkpoint_sets_the_model_config(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="is not a --preset=small model"):
         run(common[1:] + ["--preset=small", f"--out={tmp_path}/b"])
     assert not os.path.exists("out/small")
+
+
+def test_the_preset_recipe_fills_only_what_is_left_open():
+    cpu, gpu = opd.resolve(opd.Config(device="cpu")), opd.resolve(opd.Config(device="cuda"))
+    assert (cpu.preset, cpu.steps, cpu.batch_size, cpu.lr, cpu.base_objects) == ("small", 300, 16, 1e-3, 1)
+    assert (gpu.preset, gpu.base_objects, gpu.base_steps) == ("base", 0, 2800)  # the H100-measured base
+    mine = opd.resolve(opd.Config(device="cpu", preset="tiny", steps=7, base_objects=0))
+    assert (mine.steps, mine.base_objects, mine.batch_size) == (7, 0, 16)
+    assert opd.command_args(cpu) == "" and opd.command_args(mine) == "--preset=tiny --base_objects=0 --steps=7"
+    with pytest.raises(SystemExit, match="must be >= 0"):
+        opd.check_config(opd.Config(steps=-1))
