@@ -3,7 +3,7 @@
     python distill_onpolicy.py                                         # teachers (built if missing) -> student
     python distill_onpolicy.py --tasks=local_edit,global_edit --out=out/danceopd_edits --name=danceopd_edits
     python distill_onpolicy.py --mode=offpolicy --out=out/opd_off --name=offpolicy    # ablations: one flag each
-    python distill_onpolicy.py --compare=joint=out/small/joint/ckpt.pt                 # extra rows in the table
+    python distill_onpolicy.py --preset=small --compare=joint=out/small/joint/ckpt.pt  # extra rows in the table
 
 Zhou et al. 2026, "DanceOPD: On-Policy Generative Field Distillation" (METHODS.md section 1). Each capability
 has a frozen teacher velocity field: the T2I teacher is the base model itself, an edit teacher is the base
@@ -115,6 +115,7 @@ def check_config(cfg):
                 f"--routing is hard or soft, not {cfg.routing!r}" if cfg.routing not in ROUTINGS else "",
                 f"--query is one of {', '.join(QUERY)}, not {cfg.query!r}" if cfg.query not in QUERY else "",
                 "--query_k and --rollout_steps must be >= 1" if min(cfg.query_k, cfg.rollout_steps) < 1 else "",
+                "--base_objects must be >= 0 (-1 = the preset's)" if cfg.base_objects < -1 else "",
                 "--batch_size, --steps, --lr, --base_steps, --base_batch and --expert_steps must be >= 0 (0 = the "
                 "preset's)" if min(cfg.batch_size, cfg.steps, cfg.lr, cfg.base_steps, cfg.base_batch,
                                    cfg.expert_steps) < 0 else "",
@@ -154,7 +155,7 @@ def prerequisites(cfg, tasks):
     build_if_missing(paths["base"], "the base model (the T2I teacher)", dict(
         {**common, **recipe["base"]}, steps=cfg.base_steps, task="t2i", batch_size=cfg.base_batch,
         n_objects=cfg.base_objects, grid_rate=0.0))
-    mcfg = base_model_config(cfg, load_checkpoint(paths["base"]), paths["base"])
+    mcfg = base_model_config(cfg, peek(paths["base"]), paths["base"])
     for task in [t for t in tasks if t != "t2i"]:
         build_if_missing(paths[task], f"the {task} expert (SFT from the base)", dict(
             {**common, **recipe["expert"]}, steps=cfg.expert_steps, task=task,
@@ -162,10 +163,20 @@ def prerequisites(cfg, tasks):
     return paths, mcfg
 
 
+def peek(path):
+    """A checkpoint's plain entries (step, config, model_config) without reading its tensors (mmap)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"missing checkpoint: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise SystemExit(f"{path} is not a checkpoint of this project ({type(e).__name__})") from None
+
+
 def build_if_missing(path, what, options):
     """Train `path` with train.py `options` unless it exists (then only note a different step count)."""
     if os.path.exists(path):
-        made = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")  # no copy
+        made = peek(path).get("step")
         if made is not None and made != options["steps"]:  # e.g. a teacher cached under an older default
             print(f"note: using cached {path}, trained {made} steps (this run would build {options['steps']})")
         return
@@ -178,6 +189,8 @@ def build_if_missing(path, what, options):
 def base_model_config(cfg, base_ckpt, path):
     """The base's own DiTConfig (model options such as pooled_text come with it); its preset fields must be
     --preset's. The teachers and the student all take this config."""
+    if "model_config" not in base_ckpt:
+        raise SystemExit(f"{path} is not a checkpoint of this project (no model_config)")
     mcfg = DiTConfig(**base_ckpt["model_config"])
     want = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
     fields = [*PRESETS[cfg.preset], "vocab_size", "max_text_len"]
@@ -302,6 +315,11 @@ def train(cfg):
     env = setup(cfg)
     if env.world > 1:
         raise SystemExit("distill_onpolicy.py runs in one process (no torchrun)")
+    ckpt_path, start = os.path.join(cfg.out, "ckpt.pt"), 0
+    if cfg.resume and peek(ckpt_path).get("config", {}).get("preset") != cfg.preset:  # before building anything
+        raise SystemExit(f"{ckpt_path} is not a --preset={cfg.preset} run of this script")
+    if not cfg.resume and os.path.exists(ckpt_path):
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
     paths, mcfg = prerequisites(cfg, tasks)
     base_ckpt = load_checkpoint(paths["base"], mcfg)
     teachers = {task: load_teacher(paths[task], mcfg, task, env.device) for task in tasks}
@@ -309,7 +327,6 @@ def train(cfg):
     student = make_student(base_ckpt["ema"], mcfg, cfg.lora_rank, cfg.lora_scale, env.device)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=env.device.type == "cuda")
-    ckpt_path, start = os.path.join(cfg.out, "ckpt.pt"), 0
     if cfg.resume:
         ck = load_checkpoint(ckpt_path, mcfg)
         rank = ck.get("config", {}).get("lora_rank") if "student" in ck else "no student"
@@ -317,8 +334,6 @@ def train(cfg):
             raise SystemExit(f"{ckpt_path} is not a run of this script with --lora_rank={cfg.lora_rank} ({rank})")
         student.load_state_dict(ck["student"]), opt.load_state_dict(ck["opt"])
         start = ck["step"]
-    elif os.path.exists(ckpt_path):
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
     # compiled modules for the hot loop; save, merge and evaluate from the plain ones
     train_student = torch.compile(student) if env.compile else student
     fields = {k: torch.compile(m) if env.compile else m for k, m in teachers.items()}
@@ -416,9 +431,11 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
 
 
 def command_args(cfg):
-    """The --key=value flags of `cfg` that differ from the defaults: the command that reproduces a run."""
-    default = resolve(Config(device=cfg.device))
-    return " ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if getattr(default, k) != v)
+    """The command's flags that reproduce a run: its preset (auto differs by device), then every --key=value
+    that differs from the preset's defaults."""
+    default = resolve(Config(device=cfg.device, preset=cfg.preset))
+    return " ".join([f"--preset={cfg.preset}"] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
+                                                  if k != "preset" and getattr(default, k) != v])
 
 
 if __name__ == "__main__":

@@ -255,6 +255,9 @@ def test_end_to_end_resume_and_errors(tmp_path, monkeypatch, capsys):
     assert all(torch.equal(a[key][k], b[key][k]) for key in ("student", "ema") for k in a[key])
     with pytest.raises(SystemExit, match="exists: pass --resume"):
         run(common + [f"--out={tmp_path}/a"])
+    with pytest.raises(SystemExit, match="is not a --preset=small run"):  # refused before building anything
+        run(common[1:] + ["--preset=small", f"--out={tmp_path}/b", "--resume"])
+    assert not os.path.exists("out/small")
     with pytest.raises(SystemExit, match="--mode is one of"):
         run(common + ["--mode=sideways"])
     with pytest.raises(SystemExit, match="unknown task 'paint'"):
@@ -288,6 +291,9 @@ def test_the_preset_recipe_fills_only_what_is_left_open():
     assert (gpu.preset, gpu.base_objects, gpu.base_steps) == ("base", 0, 2800)  # the H100-measured base
     mine = opd.resolve(opd.Config(device="cpu", preset="tiny", steps=7, base_objects=0))
     assert (mine.steps, mine.base_objects, mine.batch_size) == (7, 0, 16)
-    assert opd.command_args(cpu) == "" and opd.command_args(mine) == "--preset=tiny --base_objects=0 --steps=7"
+    assert opd.command_args(cpu) == "--preset=small"
+    assert opd.command_args(mine) == "--preset=tiny --base_objects=0 --steps=7"
     with pytest.raises(SystemExit, match="must be >= 0"):
         opd.check_config(opd.Config(steps=-1))
+    with pytest.raises(SystemExit, match="--base_objects must be >= 0"):
+        opd.check_config(opd.Config(base_objects=-2))
