@@ -40,6 +40,7 @@ from model import DiT, DiTConfig, PRESETS, add_lora, merge_lora, preset
 from sample import guided_velocity, interpolate, rollout, timesteps
 from train import Config as TrainConfig, train as train_sft
 from train import load_checkpoint, load_model, model_inputs, parse_config, save_checkpoint, setup, step_generator
+from train import wants_cuda
 
 
 @dataclass
@@ -130,8 +131,7 @@ def check_config(cfg):
 def resolve(cfg):
     """A copy of cfg with what was left to the preset filled in: --preset=auto (base on CUDA, small on the CPU),
     then the options left at 0 (-1 for base_objects) from RECIPES[preset]."""
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    name = cfg.preset if cfg.preset != "auto" else "base" if cuda else "small"
+    name = cfg.preset if cfg.preset != "auto" else "base" if wants_cuda(cfg.device) else "small"
     recipe = RECIPES[name]
     return dataclasses.replace(
         cfg, preset=name, base_steps=cfg.base_steps or recipe["base"]["steps"],

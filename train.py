@@ -103,10 +103,15 @@ class Env:
         return self.rank == 0
 
 
+def wants_cuda(device):
+    """--device=auto | cpu | cuda -> whether this run goes to CUDA."""
+    return torch.cuda.is_available() if device == "auto" else device == "cuda"
+
+
 def setup(cfg):
     """Device, DDP (from torchrun's environment), precision context and compile flag."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    cuda = wants_cuda(cfg.device)
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
