@@ -56,10 +56,10 @@ class Config:
                                    # -1 = RECIPES below)
     expert_steps: int = 0          # train.py steps per expert (SFT from the base) when one must be built (0 = RECIPES)
     tasks: str = "t2i,local_edit,global_edit"  # the capabilities routed to, one teacher each
-    steps: int = 0                 # distillation steps (0 = RECIPES: 300 on the CPU presets; paper: 3000)
+    steps: int = 0                 # distillation steps (0 = RECIPES: 300 on CPU, 400 at base; paper: 3000)
     stop_at: int = 0               # stop (and checkpoint) after this step, as an interrupted run would (0 = steps)
-    batch_size: int = 0            # rollouts per step, all from the routed task's bucket (0 = RECIPES: 16 on CPU)
-    lr: float = 0.0                # AdamW learning rate, constant (0 = RECIPES: 1e-3 on CPU; paper: 2e-4, wider)
+    batch_size: int = 0            # rollouts per step, all from the routed task (0 = RECIPES: 16 on CPU, 64 at base)
+    lr: float = 0.0                # AdamW learning rate, constant (0 = RECIPES: 1e-3 on CPU, 3e-4 at base; paper: 2e-4)
     weight_decay: float = 0.0      # AdamW weight decay (paper: 0)
     grad_clip: float = 1.0         # max global grad norm (paper: 1.0)
     lora_rank: int = 32            # student LoRA rank (paper: 128 on a much wider model); 0 = full fine-tune
@@ -94,7 +94,8 @@ MODES, ROUTINGS = ("onpolicy", "offpolicy", "dense"), ("hard", "soft")
 # small (and tiny, for tests): the README's CPU recipe; batch 32 had not learned layout after 2,500 base steps, 64
 # had by 3,000, and 1,000 expert steps left the edit teachers at the floor (success 0.03 / 0.01 against 0.25 /
 # 0.32). base: the whole chain as run on one H100 in 25 min (README, "Results on one GPU": base t2i 0.992, edit
-# teachers 0.719 / 0.875); 2,800 base steps had given 1.000 on every t2i column, longer runs are untried.
+# teachers 0.719 / 0.875); 2,800 base steps had given 1.000 on every t2i column; longer experts and distillation
+# are untried.
 CPU_RECIPE = dict(base=dict(steps=3000, batch_size=64, n_objects=1), expert=dict(steps=3000),
                   distill=dict(steps=300, batch_size=16, lr=1e-3))
 RECIPES = dict(tiny=CPU_RECIPE, small=CPU_RECIPE,

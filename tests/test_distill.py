@@ -288,7 +288,9 @@ def test_the_base_checkpoint_sets_the_model_config(tmp_path, monkeypatch):
 def test_the_preset_recipe_fills_only_what_is_left_open():
     cpu, gpu = opd.resolve(opd.Config(device="cpu")), opd.resolve(opd.Config(device="cuda"))
     assert (cpu.preset, cpu.steps, cpu.batch_size, cpu.lr, cpu.base_objects) == ("small", 300, 16, 1e-3, 1)
-    assert (gpu.preset, gpu.base_objects, gpu.base_steps, gpu.expert_steps, gpu.steps) == ("base", 0, 1800, 1000, 400)
+    assert (gpu.preset, gpu.base_objects, gpu.base_steps, gpu.base_batch) == ("base", 0, 1800, 256)
+    assert gpu.expert_steps == 1000
+    assert (gpu.steps, gpu.batch_size, gpu.lr) == (400, 64, 3e-4)
     # ^ the chain measured on one H100 (README, "Results on one GPU")
     mine = opd.resolve(opd.Config(device="cpu", preset="tiny", steps=7, base_objects=0))
     assert (mine.steps, mine.base_objects, mine.batch_size) == (7, 0, 16)
