@@ -309,6 +309,7 @@ def train(cfg):
     if log:
         log.close()
     if env.world > 1:
+        dist.barrier()  # tear down together: a rank that leaves while rank 0 still saves can abort in gloo
         dist.destroy_process_group()
     return ckpt_path
 
