@@ -2,7 +2,7 @@
 
     python judges.py                                     # train (or load) every judge, print accuracies, write PNG
     python judges.py --what=vlm --agreement_ckpt=out/base/ckpt.pt   # + VLM vs exact parser on generated images
-    python judges.py --preset=tiny --vlm_caption_steps=20 --vlm_vqa_steps=20 --reward_steps=20   # seconds
+    python judges.py --preset=tiny --vlm_caption_steps=20 --vlm_vqa_steps=20 --reward_steps=20 --align_steps=20
 
 VLM (Dual-Process, Self-Distillation): the tiny LLaVA of vlm.py (or any local transformers VLM, `load_judge`).
 Training: the vision tower on each cell's attributes (`TowerHeads`, in place of LLaVA's pretrained CLIP), captions,
@@ -51,10 +51,12 @@ class Config:
     vlm_family_batch: str = "same:48,size:24"  # phase 2: questions per step of the families that need more than an
                                    # equal share (see vqa_step_loss)
     vlm_lr: float = 3e-4           # peak AdamW learning rate (warm-up, then cosine, per phase)
-    reward_steps: int = 1500       # optimizer steps of each reward model
+    reward_steps: int = 1500       # optimizer steps of the aesthetic model
     reward_batch: int = 32         # images (pairs) per step
     align_captions: int = 16       # alignment: captions per image, the matching one + one-attribute mismatches
+    align_steps: int = 6000        # alignment: contrastive steps (after its tower phase)
     align_tower_steps: int = 600   # alignment: phase 0 of its CLIP vision tower (TowerHeads, vlm_tower_lr)
+    align_pool: str = "mean"       # alignment: embed the mean of each tower's tokens | token (EOS / class token)
     reward_lr: float = 2e-3        # peak AdamW learning rate of the reward models
     warmup: int = 50               # linear warm-up steps
     grad_clip: float = 1.0         # max global grad norm
@@ -294,8 +296,9 @@ def train_judge(cfg, env, kind, path):
         phases = (("tower", cfg.vlm_tower_steps, cfg.vlm_tower_lr), ("caption", cfg.vlm_caption_steps, cfg.vlm_lr),
                   ("vqa", cfg.vlm_vqa_steps, cfg.vlm_lr))
     else:
-        model = net = (Alignment if kind == "alignment" else Aesthetic)(cfg.preset, cfg.res).to(env.device)
-        phases = ((kind, cfg.reward_steps, cfg.reward_lr),)
+        model = net = (Alignment(cfg.preset, cfg.res, cfg.align_pool) if kind == "alignment"
+                       else Aesthetic(cfg.preset, cfg.res)).to(env.device)
+        phases = ((kind, cfg.align_steps if kind == "alignment" else cfg.reward_steps, cfg.reward_lr),)
         if kind == "alignment":
             heads = TowerHeads(model.clip.config.vision_config.hidden_size).to(env.device)
             phases = (("tower", cfg.align_tower_steps, cfg.vlm_tower_lr),) + phases
@@ -326,7 +329,8 @@ def train_judge(cfg, env, kind, path):
     with torch.no_grad():  # R = 0 halfway between preferred and rejected, so that -log sigmoid(R) means something
         better, worse = preference_pairs(model, kind, 256, cfg.res, seed=77_777, split="train")
         model.offset -= (better.mean() + worse.mean()) / 2
-    save_checkpoint(path, kind=kind, preset=cfg.preset, res=cfg.res, state=model.state_dict())
+    save_checkpoint(path, kind=kind, preset=cfg.preset, res=cfg.res, state=model.state_dict(),
+                    **(dict(pool=cfg.align_pool) if kind == "alignment" else {}))
     return model
 
 
@@ -347,6 +351,8 @@ def main(cfg):
         raise SystemExit(f"unknown judge or family {bad[0]!r}: --what from vlm,alignment,aesthetic, "
                          f"--families from {','.join(data.FAMILIES)}")
     family_batch(cfg)  # a bad --vlm_family_batch fails here, not after the first phases
+    if cfg.align_pool not in ("mean", "token"):
+        raise SystemExit(f"unknown --align_pool {cfg.align_pool!r} (mean, token)")
     os.makedirs(cfg.results, exist_ok=True)
     if "vlm" in what:
         judge = get_judge(cfg, "vlm", env)

@@ -22,7 +22,7 @@ import world
 
 
 REWARD_PRESETS = {"tiny": dict(hidden=32, layers=1, heads=2), "small": dict(hidden=64, layers=2, heads=4)}
-EOS = len(world.VOCAB)  # the alignment text encoder pools the hidden state of this token, appended after the words
+EOS = len(world.VOCAB)  # appended after the words of a caption; the alignment text encoder with pool="token" embeds it
 
 
 def bt_loss(r_better, r_worse):
@@ -31,11 +31,19 @@ def bt_loss(r_better, r_worse):
 
 
 class Alignment(nn.Module):
-    """R_b(image, caption) = scale * cos(image embedding, caption embedding) + offset, from a tiny CLIPModel."""
+    """R_b(image, caption) = scale * cos(image embedding, caption embedding) + offset, from a tiny CLIPModel.
 
-    def __init__(self, preset="small", res=32):
+    pool="mean" embeds the mean of each tower's token features (the caption's words and EOS; the image's patches),
+    "token" the CLIP way: the EOS token's features and the class token's. One token must gather a whole scene
+    through a few attention heads; a mean keeps every token's features, each bound to its neighbours and position.
+    Measured (small preset, 600 tower + 1,500 contrastive steps): retrieval among 8 one-attribute-apart captions
+    0.610 with "token", 0.770 with "mean"; "mean" reaches 0.99 after 6,000 steps (README, "The alignment model")."""
+
+    def __init__(self, preset="small", res=32, pool="mean"):
         super().__init__()
-        p, self.res = REWARD_PRESETS[preset], res
+        if pool not in ("mean", "token"):
+            raise ValueError(f"unknown pooling {pool!r} (mean, token)")
+        p, self.res, self.pool = REWARD_PRESETS[preset], res, pool
         sizes = dict(hidden_size=p["hidden"], intermediate_size=4 * p["hidden"], num_hidden_layers=p["layers"],
                      num_attention_heads=p["heads"])
         self.clip = CLIPModel(CLIPConfig(
@@ -49,8 +57,10 @@ class Alignment(nn.Module):
         n = (tokens != 0).sum(1)
         tokens[torch.arange(len(n)), n] = EOS
         tokens, dev = tokens[:, :int(n.max()) + 1], self.offset.device
-        mask = (torch.arange(tokens.shape[1]) <= n[:, None]).long()
-        h = self.clip.text_model(input_ids=tokens.to(dev), attention_mask=mask.to(dev)).pooler_output
+        mask = (torch.arange(tokens.shape[1]) <= n[:, None]).to(dev)
+        out = self.clip.text_model(input_ids=tokens.to(dev), attention_mask=mask.long())
+        h = out.pooler_output if self.pool == "token" else \
+            (out.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # after the final LayerNorm
         return F.normalize(self.clip.text_projection(h), dim=-1)
 
     def pixels(self, images):
@@ -60,7 +70,9 @@ class Alignment(nn.Module):
             F.interpolate(images.float(), size=(self.res, self.res), mode="bilinear", antialias=True)
 
     def embed_images(self, images):
-        h = self.clip.vision_model(pixel_values=self.pixels(images)).pooler_output
+        tower = self.clip.vision_model
+        out = tower(pixel_values=self.pixels(images))
+        h = out.pooler_output if self.pool == "token" else tower.post_layernorm(out.last_hidden_state[:, 1:].mean(1))
         return F.normalize(self.clip.visual_projection(h), dim=-1)
 
     def scores(self, images, captions):
@@ -206,7 +218,8 @@ def preference_pairs(reward, kind, n, res, seed, split):
 def load_reward(path, device="cpu"):
     """A saved alignment or aesthetic reward, frozen."""
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    reward = (Alignment if ck["kind"] == "alignment" else Aesthetic)(ck["preset"], ck["res"])
+    kw = dict(pool=ck.get("pool", "token")) if ck["kind"] == "alignment" else {}  # saved before pooling was an option
+    reward = (Alignment if ck["kind"] == "alignment" else Aesthetic)(ck["preset"], ck["res"], **kw)
     reward.load_state_dict(ck["state"])
     return reward.to(device).eval().requires_grad_(False)
 

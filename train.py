@@ -119,6 +119,8 @@ def setup(cfg):
     if precision not in ("auto", "fp32"):
         raise SystemExit(f"--precision takes auto or fp32, not {precision!r}")
     fast = cuda and precision == "auto"  # bf16 autocast and TF32 matmuls; --precision=fp32 is strict fp32
+    if not cuda:  # late in training, subnormal floats (softmax tails, their grads) made CPU steps 2x slower
+        torch.set_flush_denormal(True)  # measured on the trained alignment model: 0.49 -> 0.26 s per step
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast

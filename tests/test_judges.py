@@ -196,6 +196,8 @@ def test_bad_inputs_are_clear_errors(vlm, tmp_path):
         rewards.Aesthetic("tiny")(v.images * 2)
     with pytest.raises(ValueError, match="unknown word"):
         rewards.Alignment("tiny")(v.images, ["a purplish circle", "a red circle"])
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        rewards.Alignment("tiny", pool="max")
     with pytest.raises(SystemExit, match="no config.json"):
         judges.load_judge(str(tmp_path))
     LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
@@ -232,6 +234,20 @@ def test_reward_models_learn_their_preferences():
     assert before < 0.75 and ranks() > 0.75  # matching caption above another scene's, held out
 
 
+def test_a_saved_alignment_reward_reloads_with_its_own_pooling(tmp_path):
+    images, captions = rewards.alignment_batch(4, 2, 32, seed=3)
+    for pool in ("mean", "token"):
+        torch.manual_seed(0)
+        net = rewards.Alignment("tiny", pool=pool).eval()
+        train.save_checkpoint(str(tmp_path / pool), kind="alignment", preset="tiny", res=32, pool=pool,
+                              state=net.state_dict())
+        back = rewards.load_reward(str(tmp_path / pool))
+        assert back.pool == pool and torch.equal(back.scores(images, captions), net.scores(images, captions))
+    other = rewards.Alignment("tiny", pool="mean").eval()  # the token-pooled weights, pooled the other way
+    other.load_state_dict(back.state_dict())
+    assert not torch.allclose(other.scores(images, captions), back.scores(images, captions))  # pooling is the model's
+
+
 def test_degradations_and_the_hidden_quality_function():
     x = data.make_batch("t2i", 4, 32, seed=7).target
     gen = torch.Generator().manual_seed(0)
@@ -266,7 +282,7 @@ def test_discriminator_is_per_pixel_and_differentiable():
 
 def test_cli_trains_caches_and_reports(tmp_path):
     args = ["--preset=tiny", "--vlm_tower_steps=3", "--vlm_caption_steps=3", "--vlm_vqa_steps=3", "--reward_steps=3",
-            "--align_tower_steps=3", "--eval_n=8",
+            "--align_steps=3", "--align_tower_steps=3", "--eval_n=8",
             "--vlm_batch=18", "--reward_batch=8", "--quiet", f"--out={tmp_path / 'j'}", f"--results={tmp_path}"]
     out = judges.main(judges.parse_config(judges.Config(), args))
     assert set(out["vlm"]) == set(data.FAMILIES) and 0 <= out["alignment_retrieval_8"] <= 1
