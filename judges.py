@@ -339,7 +339,11 @@ def get_judge(cfg, kind, env=None):
     env = env or setup(cfg)
     path = os.path.join(cfg.out or f"out/judges/{cfg.preset}", "vlm" if kind == "vlm" else f"{kind}.pt")
     if os.path.exists(path) and not cfg.retrain:
-        return load_judge(path, env.device) if kind == "vlm" else load_reward(path, env.device)
+        judge = load_judge(path, env.device) if kind == "vlm" else load_reward(path, env.device)
+        if kind == "alignment" and judge.pool != cfg.align_pool:
+            raise SystemExit(f"the cached alignment reward {path} pools its towers by {judge.pool!r}, not "
+                             f"--align_pool={cfg.align_pool}: pass --retrain, or another --out")
+        return judge
     return train_judge(cfg, env, kind, path)
 
 

@@ -30,7 +30,8 @@ def frozen_judges(vlm, tmp_path):
     """The VLM and both rewards, frozen as the method scripts get them (rewards through save + load)."""
     out = [judges.Judge(*vlm)]
     for kind, cls in (("alignment", rewards.Alignment), ("aesthetic", rewards.Aesthetic)):
-        train.save_checkpoint(str(tmp_path / kind), kind=kind, preset="tiny", res=32, state=cls("tiny").state_dict())
+        net, extra = cls("tiny"), dict(pool="mean") if kind == "alignment" else {}
+        train.save_checkpoint(str(tmp_path / kind), kind=kind, preset="tiny", res=32, state=net.state_dict(), **extra)
         out.append(rewards.load_reward(str(tmp_path / kind)))
     return out
 
@@ -234,6 +235,20 @@ def test_reward_models_learn_their_preferences():
     assert before < 0.75 and ranks() > 0.75  # matching caption above another scene's, held out
 
 
+def test_mean_pooling_averages_each_towers_own_tokens_only():
+    torch.manual_seed(0)
+    net = rewards.Alignment("tiny").eval()
+    short = "a little red square at the top right"
+    long = "a big cyan triangle with a thick outline at the bottom right on a sand background"
+    with torch.no_grad():  # pads (a longer caption in the batch) do not enter a caption's mean
+        assert torch.allclose(net.embed_text([short]), net.embed_text([short, long])[:1], atol=1e-6)
+        images = data.make_batch("t2i", 3, 32, seed=2).target
+        tower = net.clip.vision_model
+        patches = tower(pixel_values=images).last_hidden_state[:, 1:]  # the class token left out
+        by_hand = net.clip.visual_projection(tower.post_layernorm(patches.mean(1)))
+        assert torch.allclose(net.embed_images(images), torch.nn.functional.normalize(by_hand, dim=-1), atol=1e-6)
+
+
 def test_a_saved_alignment_reward_reloads_with_its_own_pooling(tmp_path):
     images, captions = rewards.alignment_batch(4, 2, 32, seed=3)
     for pool in ("mean", "token"):
@@ -246,6 +261,11 @@ def test_a_saved_alignment_reward_reloads_with_its_own_pooling(tmp_path):
     other = rewards.Alignment("tiny", pool="mean").eval()  # the token-pooled weights, pooled the other way
     other.load_state_dict(back.state_dict())
     assert not torch.allclose(other.scores(images, captions), back.scores(images, captions))  # pooling is the model's
+    train.save_checkpoint(str(tmp_path / "old"), kind="alignment", preset="tiny", res=32, state=net.state_dict())
+    assert rewards.load_reward(str(tmp_path / "old")).pool == "token"  # saved before pooling was an option
+    with pytest.raises(SystemExit, match="pools its towers by 'token', not --align_pool=mean"):
+        os.replace(tmp_path / "token", tmp_path / "alignment.pt")
+        judges.get_judge(judges.Config(preset="tiny", out=str(tmp_path)), "alignment")
 
 
 def test_degradations_and_the_hidden_quality_function():
