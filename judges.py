@@ -57,6 +57,8 @@ class Config:
     align_steps: int = 6000        # alignment: contrastive steps (after its tower phase)
     align_tower_steps: int = 600   # alignment: phase 0 of its CLIP vision tower (TowerHeads, vlm_tower_lr)
     align_pool: str = "mean"       # alignment: embed the mean of each tower's tokens | token (EOS / class token)
+    align_scene_code: bool = False # alignment: in its tower phase both towers' embeddings also name the whole scene
+                                   # through one shared head (TowerHeads.code)
     reward_lr: float = 2e-3        # peak AdamW learning rate of the reward models
     warmup: int = 50               # linear warm-up steps
     grad_clip: float = 1.0         # max global grad norm
@@ -106,15 +108,21 @@ class TowerHeads(torch.nn.Module):
     from labels of the world. Measured (small preset): the VLM's horizon family went from 0.48 to 0.99 (the yes/no
     loss alone never taught the tower to see it), the alignment model's retrieval from 0.30 to 0.48."""
 
-    def __init__(self, hidden):
+    def __init__(self, hidden, code_dim=0):
         super().__init__()
-        self.cell = torch.nn.Linear(hidden, sum(map(len, CELL_HEADS.values())))
-        self.scene = torch.nn.Linear(9 * hidden, sum(map(len, SCENE_HEADS.values())))
+        n_cell, n_scene = sum(map(len, CELL_HEADS.values())), sum(map(len, SCENE_HEADS.values()))
+        self.cell = torch.nn.Linear(hidden, n_cell)
+        self.scene = torch.nn.Linear(9 * hidden, n_scene)
+        self.code = None if not code_dim else torch.nn.Sequential(
+            torch.nn.Linear(code_dim, 256), torch.nn.GELU(), torch.nn.Linear(256, 9 * n_cell + n_scene))
 
-    def forward(self, net, images, scenes):
-        """Cross-entropy of every label, summed over the heads. net: a Judge or an Alignment reward."""
+    def forward(self, net, images, scenes, captions=None):
+        """Cross-entropy of every label, summed over the heads. net: a Judge or an Alignment reward. With a scene
+        code (`code_dim`, alignment only), the image's and its caption's embeddings (`captions`) also each name the
+        whole scene through the one shared `code` head, so that both towers start out in one scene code."""
         tower = net.clip.vision_model if isinstance(net, Alignment) else net.model.model.vision_tower
-        f = tower(pixel_values=net.pixels(images), output_hidden_states=True).hidden_states[-1][:, 1:]
+        hidden = tower(pixel_values=net.pixels(images), output_hidden_states=True).hidden_states[-1]
+        f = hidden[:, 1:]
         g = int(round(f.shape[1] ** 0.5))  # (B, g*g, h) -> (B, 9, h)
         f = F.adaptive_avg_pool2d(f.transpose(1, 2).reshape(len(f), -1, g, g), 3).flatten(2).transpose(1, 2)
         cells = torch.zeros(len(scenes), 9, len(CELL_HEADS), dtype=torch.long)
@@ -122,8 +130,13 @@ class TowerHeads(torch.nn.Module):
             for o in s.objects:
                 cells[i, o.cell] = torch.tensor([v.index(getattr(o, k)) for k, v in CELL_HEADS.items()])
         bg = torch.tensor([[v.index(getattr(s, k)) for k, v in SCENE_HEADS.items()] for s in scenes])
+        readouts = [(self.cell(f), cells, CELL_HEADS), (self.scene(f.flatten(1)), bg, SCENE_HEADS)]
+        if self.code is not None:
+            for e in (net.project_image(hidden, unit=False), net.embed_text(captions, unit=False)):
+                cell, scene = self.code(e).split([self.cell.out_features * 9, self.scene.out_features], -1)
+                readouts += [(cell.view(len(e), 9, -1), cells, CELL_HEADS), (scene, bg, SCENE_HEADS)]
         loss = 0.
-        for logits, labels, names in ((self.cell(f), cells, CELL_HEADS), (self.scene(f.flatten(1)), bg, SCENE_HEADS)):
+        for logits, labels, names in readouts:
             for k, lg in enumerate(logits.split([len(v) for v in names.values()], -1)):
                 loss = loss + F.cross_entropy(lg.flatten(0, -2), labels[..., k].flatten().to(lg.device))
         return loss
@@ -266,6 +279,9 @@ def save_examples(judge, path, res, families=data.FAMILIES, per_family=2):
 def step_loss(cfg, phase, net, seed, device, heads=None):
     """The loss of one training step: tower (with its TowerHeads) | caption | vqa (the VLM, a Judge) | alignment |
     aesthetic (the rewards)."""
+    if phase == "tower" and heads.code is not None:  # the alignment data's scenes, in the world's own captions
+        b, rng = data.make_batch("t2i", cfg.vlm_batch, cfg.res, device, seed=seed), np.random.default_rng(seed)
+        return heads(net, b.target, b.specs, [world.caption(s, rng) for s in b.specs])
     if phase == "tower":
         images, _, scenes = caption_batch(cfg.vlm_batch, cfg.res, seed, device=device)
         return heads(net, images, scenes)
@@ -300,7 +316,8 @@ def train_judge(cfg, env, kind, path):
                        else Aesthetic(cfg.preset, cfg.res)).to(env.device)
         phases = ((kind, cfg.align_steps if kind == "alignment" else cfg.reward_steps, cfg.reward_lr),)
         if kind == "alignment":
-            heads = TowerHeads(model.clip.config.vision_config.hidden_size).to(env.device)
+            heads = TowerHeads(model.clip.config.vision_config.hidden_size,
+                               model.clip.config.projection_dim if cfg.align_scene_code else 0).to(env.device)
             phases = (("tower", cfg.align_tower_steps, cfg.vlm_tower_lr),) + phases
     params = list(model.parameters()) + (list(heads.parameters()) if heads else [])
     opt = torch.optim.AdamW(params, lr=phases[0][2], weight_decay=0.0)

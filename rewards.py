@@ -53,16 +53,24 @@ class Alignment(nn.Module):
             vision_config=dict(image_size=res, patch_size=4, **sizes), projection_dim=p["hidden"]))
         self.register_buffer("offset", torch.zeros(()))
 
-    def embed_text(self, captions):
+    def embed_text(self, captions, unit=True, groups=4):
+        """(N, P) caption embeddings (unit: normalised). The captions run in `groups` batches of similar length,
+        each cut to its longest caption: pads are masked out, so this changes nothing but the time."""
         tokens = F.pad(world.tokenize(captions), (0, 1))  # (N, 49) word ids; unknown words are a clear error
         n = (tokens != 0).sum(1)
         tokens[torch.arange(len(n)), n] = EOS
+        order = n.argsort()
+        h = torch.cat([self.text_features(tokens[i], n[i]) for i in order.tensor_split(groups) if len(i)])
+        e = self.clip.text_projection(h[order.argsort()])
+        return F.normalize(e, dim=-1) if unit else e
+
+    def text_features(self, tokens, n):
+        """The pooled text-tower features of (N, L) tokens, n words each before the EOS."""
         tokens, dev = tokens[:, :int(n.max()) + 1], self.offset.device
         mask = (torch.arange(tokens.shape[1]) <= n[:, None]).to(dev)
         out = self.clip.text_model(input_ids=tokens.to(dev), attention_mask=mask.long())
-        h = out.pooler_output if self.pool == "token" else \
+        return out.pooler_output if self.pool == "token" else \
             (out.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # after the final LayerNorm
-        return F.normalize(self.clip.text_projection(h), dim=-1)
 
     def pixels(self, images):
         """(B, 3, H, W) in [-1, 1] -> the vision tower's input, resized differentiably when H != res."""
@@ -70,11 +78,15 @@ class Alignment(nn.Module):
         return images.float() if images.shape[-1] == self.res else \
             F.interpolate(images.float(), size=(self.res, self.res), mode="bilinear", antialias=True)
 
-    def embed_images(self, images):
-        tower = self.clip.vision_model
-        out = tower(pixel_values=self.pixels(images))
-        h = out.pooler_output if self.pool == "token" else tower.post_layernorm(out.last_hidden_state[:, 1:].mean(1))
-        return F.normalize(self.clip.visual_projection(h), dim=-1)
+    def embed_images(self, images, unit=True):
+        return self.project_image(self.clip.vision_model(pixel_values=self.pixels(images)).last_hidden_state, unit)
+
+    def project_image(self, hidden, unit=True):
+        """The image embedding from the vision tower's last hidden states (B, 1 + patches, h): the class token's
+        or the patches' mean, then the final LayerNorm and the projection (unit: normalised)."""
+        h = hidden[:, 0] if self.pool == "token" else hidden[:, 1:].mean(1)
+        e = self.clip.visual_projection(self.clip.vision_model.post_layernorm(h))
+        return F.normalize(e, dim=-1) if unit else e
 
     def scores(self, images, captions):
         """R of every (image, caption) pair: (B, N)."""

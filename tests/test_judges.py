@@ -242,11 +242,41 @@ def test_mean_pooling_averages_each_towers_own_tokens_only():
     long = "a big cyan triangle with a thick outline at the bottom right on a sand background"
     with torch.no_grad():  # pads (a longer caption in the batch) do not enter a caption's mean
         assert torch.allclose(net.embed_text([short]), net.embed_text([short, long])[:1], atol=1e-6)
+        _, captions = rewards.alignment_batch(6, 4, 32, seed=1)  # length groups change the time, not the result
+        assert torch.allclose(net.embed_text(captions), net.embed_text(captions, groups=1), atol=1e-6)
         images = data.make_batch("t2i", 3, 32, seed=2).target
         tower = net.clip.vision_model
         patches = tower(pixel_values=images).last_hidden_state[:, 1:]  # the class token left out
         by_hand = net.clip.visual_projection(tower.post_layernorm(patches.mean(1)))
         assert torch.allclose(net.embed_images(images), torch.nn.functional.normalize(by_hand, dim=-1), atol=1e-6)
+
+
+def test_the_scene_code_trains_both_towers_into_one_code():
+    """The alignment tower phase with a scene code: the caption's embedding names the scene through the head the
+    image's embedding uses, so the text tower trains too (without the code it gets no gradient), and after that
+    phase alone, before any contrastive step, an image is closer to its own caption than to other images'."""
+    cfg = judges.Config(preset="tiny", vlm_batch=32)
+    torch.manual_seed(0)
+    net = rewards.Alignment("tiny")
+    hidden, code = net.clip.config.vision_config.hidden_size, net.clip.config.projection_dim
+    judges.step_loss(cfg, "tower", net, 0, "cpu", judges.TowerHeads(hidden)).backward()
+    assert all(p.grad is None for p in net.clip.text_model.parameters())
+    net.zero_grad(set_to_none=True)
+    heads = judges.TowerHeads(hidden, code)
+    opt = torch.optim.AdamW([*net.parameters(), *heads.parameters()], lr=3e-3)
+
+    def own_caption_first():  # held out: how often an image scores its own caption above another image's
+        with torch.no_grad():
+            R = net.scores(*rewards.alignment_batch(64, 1, 32, seed=10_000, split="test"))
+        return float((R.diagonal()[:, None] > R).float().sum() / (64 * 63))
+
+    before = own_caption_first()
+    for step in range(150):
+        judges.step_loss(cfg, "tower", net, step, "cpu", heads).backward()
+        assert step or all(p.grad is not None for p in net.clip.text_model.parameters())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert before < 0.6 and own_caption_first() > 0.8, (before, own_caption_first())
 
 
 def test_a_saved_alignment_reward_reloads_with_its_own_pooling(tmp_path):
