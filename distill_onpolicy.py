@@ -93,10 +93,12 @@ MODES, ROUTINGS = ("onpolicy", "offpolicy", "dense"), ("hard", "soft")
 # Per preset: how a missing base or expert is built (train.py options) and the distillation's steps, batch and lr.
 # small (and tiny, for tests): the README's CPU recipe; batch 32 had not learned layout after 2,500 base steps, 64
 # had by 3,000, and 1,000 expert steps left the edit teachers at the floor (success 0.03 / 0.01 against 0.25 /
-# 0.32). base: the whole chain as run on one H100 in 25 min (README, "Results on one GPU": base t2i 0.992, edit
-# teachers 0.719 / 0.875); 2,800 base steps had given 1.000 on every t2i column; longer experts and distillation
-# are untried.
-CPU_RECIPE = dict(base=dict(steps=3000, batch_size=64, n_objects=1), expert=dict(steps=3000),
+# 0.32). The base reads a pooled caption of 24 tokens: 0.695 one-object success in 20.4 min, against 0.420 in 39
+# min for the 3,000-step, 48-token base the README's DanceOPD tables were made with. base: the whole chain as run
+# on one H100 in 25 min (README, "Results on one GPU": base t2i 0.992, edit teachers 0.719 / 0.875); 2,800 base
+# steps had given 1.000 on every t2i column; longer experts and distillation are untried.
+CPU_RECIPE = dict(base=dict(steps=4000, batch_size=64, n_objects=1, pooled_text=True,
+                            text_len=world.ONE_OBJECT_TOKENS), expert=dict(steps=3000),
                   distill=dict(steps=300, batch_size=16, lr=1e-3))
 RECIPES = dict(tiny=CPU_RECIPE, small=CPU_RECIPE,
                base=dict(base=dict(steps=1800, batch_size=256, n_objects=0, lr=3e-4, warmup=300, pooled_text=True),
@@ -155,12 +157,13 @@ def prerequisites(cfg, tasks):
     recipe = RECIPES[cfg.preset]
     build_if_missing(paths["base"], "the base model (the T2I teacher)", dict(
         {**common, **recipe["base"]}, steps=cfg.base_steps, task="t2i", batch_size=cfg.base_batch,
-        n_objects=cfg.base_objects, grid_rate=0.0))
+        n_objects=cfg.base_objects, grid_rate=0.0,
+        text_len=recipe["base"].get("text_len", 0) if cfg.base_objects == 1 else 0))  # longer captions need 48
     mcfg = base_model_config(cfg, peek(paths["base"]), paths["base"])
     for task in [t for t in tasks if t != "t2i"]:
         build_if_missing(paths[task], f"the {task} expert (SFT from the base)", dict(
             {**common, **recipe["expert"]}, steps=cfg.expert_steps, task=task,
-            init_from=paths["base"], pooled_text=mcfg.pooled_text))
+            init_from=paths["base"], pooled_text=mcfg.pooled_text, text_len=mcfg.max_text_len))
     return paths, mcfg
 
 
@@ -188,13 +191,13 @@ def build_if_missing(path, what, options):
 
 
 def base_model_config(cfg, base_ckpt, path):
-    """The base's own DiTConfig (model options such as pooled_text come with it); its preset fields must be
-    --preset's. The teachers and the student all take this config."""
+    """The base's own DiTConfig (model options such as pooled_text and the text length come with it); its preset
+    fields must be --preset's. The teachers and the student all take this config."""
     if "model_config" not in base_ckpt:
         raise SystemExit(f"{path} is not a checkpoint of this project (no model_config)")
     mcfg = DiTConfig(**base_ckpt["model_config"])
-    want = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
-    fields = [*PRESETS[cfg.preset], "vocab_size", "max_text_len"]
+    want = preset(cfg.preset, vocab_size=len(world.VOCAB))
+    fields = [*PRESETS[cfg.preset], "vocab_size"]
     diff = {k: (getattr(want, k), getattr(mcfg, k)) for k in fields if getattr(want, k) != getattr(mcfg, k)}
     if diff:
         raise SystemExit(f"{path} is not a --preset={cfg.preset} model (wanted, found): {diff}")

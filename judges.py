@@ -244,7 +244,9 @@ def agreement(judge, ckpt, n=200, steps=16, seed=0):
     against the prompt. A method that raises the judge's score but not the agreement is hacking the judge."""
     model, _ = load_model(ckpt, judge.model.device)
     rng = np.random.default_rng(seed)
-    b = data.make_batch("t2i", n, model.config.image_size, judge.model.device, seed=seed, split="test")
+    n_objects = 1 if model.config.max_text_len < world.MAX_TOKENS else None  # a --text_len base reads 1 object
+    b = data.make_batch("t2i", n, model.config.image_size, judge.model.device, seed=seed, split="test",
+                        n_objects=n_objects)
     noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(seed)).to(b.target.device)
     x = euler(model, noise, model_inputs(b), steps).clamp(-1, 1)
     questions, tests = zip(*[ask(s, rng) for s in b.specs])

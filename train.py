@@ -41,6 +41,8 @@ class Config:
     joint_tasks: str = "t2i,local_edit,global_edit"  # the union that --task=joint trains on
     preset: str = "small"          # model preset (model.PRESETS): tiny | small | base
     pooled_text: bool = False      # model option: the caption's mean word feature joins the adaLN vector (README)
+    text_len: int = 0              # model option: caption tokens the model reads (0 = world.MAX_TOKENS = 48); 24
+                                   # (world.ONE_OBJECT_TOKENS) holds every 1-object caption and edit instruction
     init_from: str = ""            # checkpoint to fine-tune from ("" = train from scratch)
     out: str = "out/base"          # run directory: ckpt.pt, log.jsonl, samples.png
     resume: bool = False           # continue out/ckpt.pt to `steps`
@@ -210,11 +212,11 @@ def get_batch(cfg, env, step, res):
 
 
 @torch.no_grad()
-def save_samples(model, tasks, res, device, path, steps, cfg_scale, n=8):
+def save_samples(model, tasks, res, device, path, steps, cfg_scale, n=8, n_objects=None):
     """A PNG: for each task a row of conditions (if any), a row of samples, a row of targets."""
     rows = []
     for task in tasks:
-        b = data.make_batch(task, n, res, device, seed=20_000, split="test")
+        b = data.make_batch(task, n, res, device, seed=20_000, split="test", n_objects=n_objects)
         x = euler(model, torch.randn(b.target.shape, generator=torch.Generator().manual_seed(1)).to(device),
                   model_inputs(b), steps, cfg_scale).clamp(-1, 1)
         cond = b.cond[:, :3] if b.cond is not None else b.ref
@@ -230,7 +232,8 @@ def train(cfg):
     if bad or cfg.batch_size % env.world:
         raise SystemExit(f"unknown task {bad[0]!r} (tasks: {', '.join(data.TASKS)}, joint)" if bad else
                          f"--batch_size={cfg.batch_size} is not divisible by {env.world} processes")
-    mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS, pooled_text=cfg.pooled_text)
+    mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=cfg.text_len or world.MAX_TOKENS,
+                  pooled_text=cfg.pooled_text)
     torch.manual_seed(cfg.seed)  # the initial weights; everything later draws from step_generator
     model = DiT(mcfg).to(env.device)
     ckpt_path, start, trained = os.path.join(cfg.out, "ckpt.pt"), 0, []
@@ -300,11 +303,11 @@ def train(cfg):
                         model_config=dataclasses.asdict(mcfg))
     if env.master and end == cfg.steps:
         save_samples(ema, tasks, res, env.device, os.path.join(cfg.out, "samples.png"), cfg.sample_steps,
-                     cfg.cfg_scale)
+                     cfg.cfg_scale, n_objects=cfg.n_objects or None)
         if cfg.eval_n:
             from evaluate import evaluate_task  # imported here: evaluate.py builds on this file
-            scores = {task: evaluate_task(ema, task, cfg.eval_n, res, env.device, steps=cfg.sample_steps,
-                                          cfg_scale=cfg.cfg_scale) for task in tasks}
+            scores = {task: evaluate_task(ema, task, cfg.eval_n, res, env.device, n_objects=cfg.n_objects or None,
+                                          steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale) for task in tasks}
             log.write(json.dumps(dict(step=cfg.steps, eval=scores)) + "\n")
             for task, m in scores.items():
                 print(f"eval {task}: " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))

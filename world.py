@@ -252,6 +252,7 @@ VOCAB = tuple(dict.fromkeys(["<pad>"] + WORDS + list(SHAPES) + list(COLORS) + li
                             + ["small", "little", "large", "big"] + list(PATTERNS) + " ".join(CELLS).split()))
 WORD_ID = {w: i for i, w in enumerate(VOCAB)}
 MAX_TOKENS = 48
+ONE_OBJECT_TOKENS = 24  # holds every caption of a 1-object scene (22 words at most) and every edit instruction (13)
 
 
 def tokenize(texts, max_len=MAX_TOKENS):

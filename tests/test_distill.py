@@ -269,17 +269,18 @@ def test_end_to_end_resume_and_errors(tmp_path, monkeypatch, capsys):
 
 
 def test_the_base_checkpoint_sets_the_model_config(tmp_path, monkeypatch):
-    """A base with a model option (pooled_text) is taken as it is, and the experts built from it inherit it;
-    a base of another preset is refused before anything is built."""
+    """A base with model options (pooled_text, a shorter text) is taken as it is, and the experts built from it
+    inherit them; a base of another preset is refused before anything is built."""
     monkeypatch.chdir(tmp_path)
     base = train.train(train.parse_config(train.Config(), [
-        "--preset=tiny", "--pooled_text=true", "--steps=2", "--batch_size=4", "--eval_n=0", "--quiet",
-        f"--out={tmp_path}/pooled"]))
+        "--preset=tiny", "--pooled_text=true", "--text_len=24", "--n_objects=1", "--steps=2", "--batch_size=4",
+        "--eval_n=0", "--quiet", f"--out={tmp_path}/pooled"]))
     common = ["--preset=tiny", f"--base={base}", "--tasks=t2i,local_edit", "--expert_steps=1", "--batch_size=4",
               "--lora_rank=4", "--quiet", "--steps=2", "--eval_n=0"]
     student = run(common + [f"--out={tmp_path}/a"])
     expert = train.load_checkpoint("out/tiny/local_edit/ckpt.pt")
-    assert expert["model_config"]["pooled_text"] and train.load_checkpoint(student)["model_config"]["pooled_text"]
+    for ckpt in (expert, train.load_checkpoint(student)):
+        assert ckpt["model_config"]["pooled_text"] and ckpt["model_config"]["max_text_len"] == 24
     with pytest.raises(SystemExit, match="is not a --preset=small model"):
         run(common[1:] + ["--preset=small", f"--out={tmp_path}/b"])
     assert not os.path.exists("out/small")

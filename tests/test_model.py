@@ -83,6 +83,19 @@ def test_too_long_caption_is_an_error(model):
         model(a["x"], a["t"], a["task"], a["tokens"])
 
 
+def test_a_shorter_text_length_drops_only_pad_columns():
+    """A model of 24 caption tokens reads a batch padded to 48 as its first 24 columns; a word past them is an
+    error, never silently cut."""
+    torch.manual_seed(0)
+    m, a = perturbed(DiT(preset("tiny", max_text_len=24, pooled_text=True))), inputs()
+    a["tokens"][:, 20:] = 0                                            # captions of 20 words, padded to 48
+    v = m(a["x"], a["t"], a["task"], a["tokens"])
+    assert torch.equal(v, m(a["x"], a["t"], a["task"], a["tokens"][:, :24]))
+    a["tokens"][0, 30] = 5
+    with pytest.raises(ValueError, match="caption has 21 tokens, the model takes at most 24"):
+        m(a["x"], a["t"], a["task"], a["tokens"])
+
+
 def test_zero_init_cond_is_a_no_op_but_gets_gradient(model):
     m, a = perturbed(model), inputs()   # a "pretrained" model, fresh cond_embedder, as when fine-tuning an editor
     v_plain = m(a["x"], a["t"], a["task"], a["tokens"])
