@@ -43,6 +43,8 @@ class Config:
     batch_size: int = 0            # training batch of both steps (0 = 256 on CUDA, 8 on the CPU)
     rollout_steps: int = 16        # DanceOPD student rollout, Euler steps (distill_onpolicy's default)
     lora_rank: int = 32            # DanceOPD student LoRA rank (distill_onpolicy's default)
+    text_len: int = 0              # caption tokens the model reads (train.py --text_len; 0 = world.MAX_TOKENS = 48)
+    pooled_text: bool = False      # model option (train.py --pooled_text); the CPU recipe's base: both, 24 tokens
     sample_batches: str = ""       # sampling batch sizes, before CFG doubles them ("" = 1,256 CUDA; 1,8 CPU)
     sample_steps: str = "1,4,28"   # Euler steps per sample
     cfg_scale: float = 3.0         # sampler guidance scale (not 1.0: the conditional and empty caption both run)
@@ -172,7 +174,8 @@ def compiled(module, on, mode=None):
 
 def flow_matching_bench(cfg, env, mcfg, compile_on):
     """train.py's step on `task`: forward + loss under ctx, backward, clip, AdamW, EMA. -> measure() dict."""
-    tcfg = train.Config(task=cfg.task, batch_size=cfg.batch_size, seed=cfg.seed)
+    tcfg = train.Config(task=cfg.task, batch_size=cfg.batch_size, seed=cfg.seed, text_len=mcfg.max_text_len,
+                        n_objects=1 if mcfg.max_text_len < world.MAX_TOKENS else 0)
     batch, noise = train.get_batch(tcfg, env, 0, mcfg.image_size)
     torch.manual_seed(cfg.seed)
     model = DiT(mcfg).to(env.device)
@@ -195,7 +198,7 @@ def flow_matching_bench(cfg, env, mcfg, compile_on):
 def danceopd_bench(cfg, env, mcfg, dcfg, compile_on):
     """distill_onpolicy.py's step: distill_loss under ctx (rollout, teacher query, student forward), backward,
     clip, AdamW on the LoRA weights; the teacher is an untrained DiT (speed does not depend on the weights)."""
-    batch = opd.get_batch(dcfg, [cfg.task], 0, mcfg.image_size, env.device)
+    batch = opd.get_batch(dcfg, [cfg.task], 0, mcfg.image_size, env.device, mcfg.max_text_len)
     torch.manual_seed(cfg.seed)
     teacher = DiT(mcfg).to(env.device).eval().requires_grad_(False)
     student = opd.make_student(teacher.state_dict(), mcfg, dcfg.lora_rank, dcfg.lora_scale, env.device)
@@ -220,7 +223,9 @@ def sampling_bench(cfg, env, mcfg, modes):
     """sample.euler with CFG at each batch size and step count; one row per (mode, batch, steps)."""
     torch.manual_seed(cfg.seed)
     model = DiT(mcfg).to(env.device).eval().requires_grad_(False)
-    batches = {n: data.make_batch(cfg.task, n, mcfg.image_size, env.device, seed=cfg.seed, split="test")
+    n_objects = 1 if mcfg.max_text_len < world.MAX_TOKENS else None
+    batches = {n: data.make_batch(cfg.task, n, mcfg.image_size, env.device, seed=cfg.seed, split="test",
+                                  n_objects=n_objects, text_len=mcfg.max_text_len)
                for n in map(int, cfg.sample_batches.split(","))}
     rows = []
     for mode, compile_mode in modes.items():
@@ -248,9 +253,12 @@ def main(cfg):
     if cfg.task not in data.TASKS or cfg.preset not in PRESETS:
         raise SystemExit(f"unknown task {cfg.task!r} (tasks: {', '.join(data.TASKS)})" if cfg.task not in data.TASKS
                          else f"unknown preset {cfg.preset!r} ({', '.join(PRESETS)})")
-    mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
+    mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=cfg.text_len or world.MAX_TOKENS,
+                  pooled_text=cfg.pooled_text)
+    short = mcfg.max_text_len < world.MAX_TOKENS  # then every t2i batch holds 1-object scenes, as train.py's
     dcfg = opd.resolve(opd.Config(preset=cfg.preset, batch_size=cfg.batch_size, rollout_steps=cfg.rollout_steps,
-                                  lora_rank=cfg.lora_rank, seed=cfg.seed, device=env.device.type))
+                                  lora_rank=cfg.lora_rank, seed=cfg.seed, device=env.device.type,
+                                  base_objects=1 if short else -1))
     cuda = env.device.type == "cuda"
     name = torch.cuda.get_device_name(env.device) if cuda else "cpu"
     fwd = forward_flops(mcfg, cfg.task)

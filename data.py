@@ -26,8 +26,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from world import (BACKGROUNDS, CELLS, CENTERS, COLORS, COOL, LIGHT, LINES, PATTERNS, SHAPES, SIZES, WARM, Grid,
-                   Scene, allowed, caption, describe, describe_background, free_cells, load_image, luma, pick, render,
+from world import (BACKGROUNDS, CELLS, CENTERS, COLORS, COOL, LIGHT, LINES, MAX_TOKENS, PATTERNS, SHAPES, SIZES, WARM,
+                   Grid,                   Scene, allowed, caption, describe, describe_background, free_cells, load_image, luma, pick, render,
                    sample_background, sample_object, sample_scene, to_pil, tokenize)
 
 TASKS = ("t2i", "local_edit", "global_edit", "inpaint", "outpaint", "customize")
@@ -37,7 +37,7 @@ TASKS = ("t2i", "local_edit", "global_edit", "inpaint", "outpaint", "customize")
 class Batch:
     task: str
     text: list  # captions / instructions
-    tokens: torch.Tensor  # (B, MAX_TOKENS) long
+    tokens: torch.Tensor  # (B, text_len) long, 0-padded
     target: torch.Tensor  # (B, 3, H, W)
     cond: torch.Tensor | None = None  # (B, 4, H, W): pixel-aligned [source or masked image | mask]
     ref: torch.Tensor | None = None  # (B, 3, H, W): customisation reference (not pixel-aligned)
@@ -207,9 +207,10 @@ SPLITS = ("train", "test", "heldout")
 
 
 def make_batch(task, n, res, device="cpu", seed=0, split="train", grid_rate=0.0, grid_inconsistency=0.25,
-               n_objects=None):
+               n_objects=None, text_len=MAX_TOKENS):
     """One batch of `task`, deterministic in (seed, split, task), built straight into tensors on `device`.
-    n_objects fixes the object count of t2i / inpaint / outpaint scenes (default: 1-3)."""
+    n_objects fixes the object count of t2i / inpaint / outpaint scenes (default: 1-3); text_len is the width of
+    batch.tokens: the model's DiTConfig.max_text_len, so that a caption too long for it fails here, on the host."""
     if task not in TASKS or split not in SPLITS:
         raise ValueError(f"unknown task {task!r} or split {split!r}: tasks are {TASKS}, splits {SPLITS}")
     rng = np.random.default_rng([seed, SPLITS.index(split), TASKS.index(task)])
@@ -232,7 +233,7 @@ def make_batch(task, n, res, device="cpu", seed=0, split="train", grid_rate=0.0,
             mask = inpaint_mask(rng, tgt, res) if task == "inpaint" else outpaint_mask(rng, res)
         texts.append(text), sources.append(src), targets.append(tgt), masks.append(mask)
     target = render(targets, res, device)
-    batch = Batch(task, texts, tokenize(texts).to(device), target, specs=targets, sources=sources)
+    batch = Batch(task, texts, tokenize(texts, text_len).to(device), target, specs=targets, sources=sources)
     if task in ("local_edit", "global_edit"):
         source = render(sources, res, device)
         batch.cond = torch.cat([source, torch.zeros_like(source[:, :1])], 1)

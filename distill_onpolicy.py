@@ -241,11 +241,12 @@ def merged_student(student):
 
 
 # ----------------------------------------------------------------------------- the method
-def get_batch(cfg, tasks, step, res, device):
+def get_batch(cfg, tasks, step, res, device, text_len=world.MAX_TOKENS):
     """Step 1-2, hard routing: one task per step, uniform, drawn from (seed, step); the batch is its bucket."""
     route = tasks[int(torch.randint(len(tasks), (1,), generator=step_generator(cfg.seed, step, salt=1)))]
     return data.make_batch(route, cfg.batch_size, res, device, seed=cfg.seed * 1_000_003 + step,
-                           n_objects=cfg.base_objects or None)  # the teacher's T2I world (edits: unaffected)
+                           n_objects=cfg.base_objects or None,  # the teacher's T2I world (edits: unaffected)
+                           text_len=text_len)                   # the models' caption length
 
 
 def query_index(gen, shape, n, position="beta"):
@@ -343,7 +344,7 @@ def train(cfg):
     fields = {k: torch.compile(m) if env.compile else m for k, m in teachers.items()}
     res, n_probe = mcfg.image_size, min(16, cfg.batch_size)
     probes = {task: (data.make_batch(task, n_probe, res, env.device, seed=10_000, split="test",
-                                     n_objects=cfg.base_objects or None),
+                                     n_objects=cfg.base_objects or None, text_len=mcfg.max_text_len),
                      torch.randn(n_probe, 3, res, res, generator=torch.Generator().manual_seed(10_000)).to(env.device))
               for task in tasks}  # fixed conditions and noise for the field error in the log
 
@@ -366,7 +367,7 @@ def train(cfg):
         if step > start and step % cfg.ckpt_every == 0:
             save(step)
         # batch: hard routing picks the bucket
-        batch = get_batch(cfg, tasks, step, res, env.device)
+        batch = get_batch(cfg, tasks, step, res, env.device, mcfg.max_text_len)
         # forward under ctx (rollout without grad inside), backward, clip, step
         with env.ctx:
             loss, logs = distill_loss(train_student, fields, batch, cfg, step_generator(cfg.seed, step))

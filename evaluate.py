@@ -51,7 +51,7 @@ def evaluate_task(model, task, n, res, device, split="test", n_objects=None, ste
     rows, weights = [], []
     for i in range(0, n, batch_size):
         b = data.make_batch(task, min(batch_size, n - i), res, device, seed=seed * 1000 + i, split=split,
-                            n_objects=n_objects)
+                            n_objects=n_objects, text_len=model.config.max_text_len)
         noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(seed * 1000 + i)).to(device)
         x = euler(model, noise, model_inputs(b), steps, cfg_scale).clamp(-1, 1)
         rows.append(scorer.score(task, x, b)[0])

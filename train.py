@@ -199,7 +199,8 @@ def get_batch(cfg, env, step, res):
     """This process's slice of the global batch of `step` and of its noise (t, eps, caption drop)."""
     task = task_of_step(cfg, step)
     batch = data.make_batch(task, cfg.batch_size, res, env.device, seed=cfg.seed * 1_000_003 + step,
-                            grid_rate=cfg.grid_rate, n_objects=cfg.n_objects or None)
+                            grid_rate=cfg.grid_rate, n_objects=cfg.n_objects or None,
+                            text_len=cfg.text_len or world.MAX_TOKENS)
     gen = step_generator(cfg.seed, step)
     noise = dict(t=torch.rand(cfg.batch_size, generator=gen), eps=torch.randn(batch.target.shape, generator=gen),
                  drop=torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop)
@@ -216,7 +217,8 @@ def save_samples(model, tasks, res, device, path, steps, cfg_scale, n=8, n_objec
     """A PNG: for each task a row of conditions (if any), a row of samples, a row of targets."""
     rows = []
     for task in tasks:
-        b = data.make_batch(task, n, res, device, seed=20_000, split="test", n_objects=n_objects)
+        b = data.make_batch(task, n, res, device, seed=20_000, split="test", n_objects=n_objects,
+                            text_len=model.config.max_text_len)
         x = euler(model, torch.randn(b.target.shape, generator=torch.Generator().manual_seed(1)).to(device),
                   model_inputs(b), steps, cfg_scale).clamp(-1, 1)
         cond = b.cond[:, :3] if b.cond is not None else b.ref
@@ -232,6 +234,10 @@ def train(cfg):
     if bad or cfg.batch_size % env.world:
         raise SystemExit(f"unknown task {bad[0]!r} (tasks: {', '.join(data.TASKS)}, joint)" if bad else
                          f"--batch_size={cfg.batch_size} is not divisible by {env.world} processes")
+    scenes = [t for t in tasks if t in ("t2i", "inpaint", "outpaint")]  # captions of whole scenes: 1-3 objects
+    if 0 < cfg.text_len < world.MAX_TOKENS and scenes and cfg.n_objects != 1:
+        raise SystemExit(f"--text_len={cfg.text_len} is too short for the {scenes[0]} captions of 2- and 3-object "
+                         f"scenes: add --n_objects=1")
     mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=cfg.text_len or world.MAX_TOKENS,
                   pooled_text=cfg.pooled_text)
     torch.manual_seed(cfg.seed)  # the initial weights; everything later draws from step_generator

@@ -86,3 +86,16 @@ def test_bench_runs_end_to_end(tmp_path):
     assert [(r["mode"], r["batch"], r["steps"]) for r in report["sample"]] == \
         [("eager", b, s) for b in (1, 2) for s in (1, 2)]
     assert all(r["ms_per_step"] > 0 and r["peak_gib"] is None for r in report["sample"])
+
+
+def test_bench_times_the_short_caption_model_of_the_cpu_recipe(tmp_path):
+    """--text_len=24 --pooled_text=true times the model the CPU recipe builds: 24 caption tokens per sequence,
+    and batches tokenized to that width (a 48-wide batch would fail nothing but time pads the model drops)."""
+    args = ["--device=cpu", "--preset=tiny", "--batch_size=2", "--rollout_steps=2", "--sample_batches=1",
+            "--sample_steps=1", "--gemm_size=64", "--warmup=1", "--iters=1", "--sample_iters=1", "--compile=off",
+            "--text_len=24", "--pooled_text=true", f"--out={tmp_path / 'bench.json'}"]
+    report = bench.main(train.parse_config(bench.Config(), args))
+    short = preset("tiny", vocab_size=len(world.VOCAB), max_text_len=24, pooled_text=True)
+    assert report["model"]["tokens"] == 1 + 24 + (short.image_size // short.patch_size) ** 2
+    assert report["train"]["flow_matching"]["step_gflop"] * 1e9 == pytest.approx(
+        3 * bench.forward_flops(short, "t2i", 2)["total"])

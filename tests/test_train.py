@@ -95,3 +95,13 @@ def test_n_objects_fixes_the_object_count_of_t2i_batches(n_objects):
     env = train.Env(torch.device("cpu"), None, False, 0, 1)
     batch, noise = train.get_batch(cfg, env, step=0, res=32)
     assert [len(s.objects) for s in batch.specs] == [n_objects] * 16 and noise["t"].shape == (16,)
+
+
+def test_batches_are_tokenized_to_the_model_text_length(tmp_path):
+    """A --text_len=24 run gets 24-wide token batches from data (no pad columns for the model to drop, so no
+    device check per forward); whole-scene captions of 2-3 objects do not fit and are refused up front."""
+    cfg = train.parse_config(train.Config(), ["--preset=tiny", "--batch_size=8", "--text_len=24", "--n_objects=1"])
+    batch, _ = train.get_batch(cfg, train.Env(torch.device("cpu"), None, False, 0, 1), step=0, res=32)
+    assert batch.tokens.shape == (8, 24) and (batch.tokens != 0).any()
+    with pytest.raises(SystemExit, match="--text_len=24 is too short for the t2i captions .* add --n_objects=1"):
+        run(tmp_path / "x", "--text_len=24")
