@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from world import (BACKGROUNDS, CELLS, CENTERS, COLORS, COOL, LIGHT, LINES, MAX_TOKENS, PATTERNS, SHAPES, SIZES, WARM,
-                   Grid,                   Scene, allowed, caption, describe, describe_background, free_cells, load_image, luma, pick, render,
-                   sample_background, sample_object, sample_scene, to_pil, tokenize)
+                   Grid, Scene, allowed, caption, describe, describe_background, free_cells, load_image, luma, pick,
+                   render, sample_background, sample_object, sample_scene, to_pil, tokenize)
 
 TASKS = ("t2i", "local_edit", "global_edit", "inpaint", "outpaint", "customize")
 
