@@ -164,6 +164,11 @@ def peak_gemm(n, device, warmup, iters):
     return dict(size=n, dtype=str(dtype).removeprefix("torch."), tflops=2 * n ** 3 / r["seconds"] / 1e12)
 
 
+def one_object(mcfg):
+    """1 for a model that reads short captions (train.py --text_len): its scenes have one object; else 0."""
+    return int(mcfg.max_text_len < world.MAX_TOKENS)
+
+
 def compiled(module, on, mode=None):
     """torch.compile (if on) from a clean dynamo cache: each variant compiles on its own, and the graphs and
     weights of the previous one are freed before its peak memory is measured."""
@@ -175,7 +180,7 @@ def compiled(module, on, mode=None):
 def flow_matching_bench(cfg, env, mcfg, compile_on):
     """train.py's step on `task`: forward + loss under ctx, backward, clip, AdamW, EMA. -> measure() dict."""
     tcfg = train.Config(task=cfg.task, batch_size=cfg.batch_size, seed=cfg.seed, text_len=mcfg.max_text_len,
-                        n_objects=1 if mcfg.max_text_len < world.MAX_TOKENS else 0)
+                        n_objects=one_object(mcfg))
     batch, noise = train.get_batch(tcfg, env, 0, mcfg.image_size)
     torch.manual_seed(cfg.seed)
     model = DiT(mcfg).to(env.device)
@@ -223,9 +228,8 @@ def sampling_bench(cfg, env, mcfg, modes):
     """sample.euler with CFG at each batch size and step count; one row per (mode, batch, steps)."""
     torch.manual_seed(cfg.seed)
     model = DiT(mcfg).to(env.device).eval().requires_grad_(False)
-    n_objects = 1 if mcfg.max_text_len < world.MAX_TOKENS else None
     batches = {n: data.make_batch(cfg.task, n, mcfg.image_size, env.device, seed=cfg.seed, split="test",
-                                  n_objects=n_objects, text_len=mcfg.max_text_len)
+                                  n_objects=one_object(mcfg) or None, text_len=mcfg.max_text_len)
                for n in map(int, cfg.sample_batches.split(","))}
     rows = []
     for mode, compile_mode in modes.items():
@@ -255,10 +259,9 @@ def main(cfg):
                          else f"unknown preset {cfg.preset!r} ({', '.join(PRESETS)})")
     mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=cfg.text_len or world.MAX_TOKENS,
                   pooled_text=cfg.pooled_text)
-    short = mcfg.max_text_len < world.MAX_TOKENS  # then every t2i batch holds 1-object scenes, as train.py's
     dcfg = opd.resolve(opd.Config(preset=cfg.preset, batch_size=cfg.batch_size, rollout_steps=cfg.rollout_steps,
                                   lora_rank=cfg.lora_rank, seed=cfg.seed, device=env.device.type,
-                                  base_objects=1 if short else -1))
+                                  base_objects=one_object(mcfg) or -1))
     cuda = env.device.type == "cuda"
     name = torch.cuda.get_device_name(env.device) if cuda else "cpu"
     fwd = forward_flops(mcfg, cfg.task)
