@@ -55,6 +55,7 @@ class Config:
     weight_decay: float = 0.0      # AdamW weight decay
     grad_clip: float = 1.0         # max global grad norm
     ema: float = 0.995             # EMA decay of the weights we sample and evaluate with (0.999 lagged 3000 steps)
+    t_sampling: str = "uniform"    # training times t: uniform | logit_normal (sigmoid of N(0, 1), SD3's mid-noise bias)
     cond_drop: float = 0.1         # probability of an empty caption (classifier-free guidance)
     grid_rate: float = 0.1         # fraction of t2i examples that are "a grid of four images of the same ..."
     n_objects: int = 0             # objects per t2i/inpaint/outpaint scene (0 = 1-3 at random)
@@ -202,7 +203,9 @@ def get_batch(cfg, env, step, res):
                             grid_rate=cfg.grid_rate, n_objects=cfg.n_objects or None,
                             text_len=cfg.text_len or world.MAX_TOKENS)
     gen = step_generator(cfg.seed, step)
-    noise = dict(t=torch.rand(cfg.batch_size, generator=gen), eps=torch.randn(batch.target.shape, generator=gen),
+    t = torch.randn(cfg.batch_size, generator=gen).sigmoid() if cfg.t_sampling == "logit_normal" else \
+        torch.rand(cfg.batch_size, generator=gen)
+    noise = dict(t=t, eps=torch.randn(batch.target.shape, generator=gen),
                  drop=torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop)
     n = cfg.batch_size // env.world
     rows = slice(env.rank * n, (env.rank + 1) * n)
@@ -234,6 +237,8 @@ def train(cfg):
     if bad or cfg.batch_size % env.world:
         raise SystemExit(f"unknown task {bad[0]!r} (tasks: {', '.join(data.TASKS)}, joint)" if bad else
                          f"--batch_size={cfg.batch_size} is not divisible by {env.world} processes")
+    if cfg.t_sampling not in ("uniform", "logit_normal"):
+        raise SystemExit(f"--t_sampling takes uniform or logit_normal, not {cfg.t_sampling!r}")
     scenes = [t for t in tasks if t in ("t2i", "inpaint", "outpaint")]  # captions of whole scenes: 1-3 objects
     if 0 < cfg.text_len < world.MAX_TOKENS and scenes and cfg.n_objects != 1:
         raise SystemExit(f"--text_len={cfg.text_len} is too short for the {scenes[0]} captions of 2- and 3-object "

@@ -186,7 +186,7 @@ def test_loss_is_zero_when_the_student_is_the_teacher(mode):
     loss.backward()
     assert loss.item() == 0 and all(g.abs().max() == 0 for g in grads(student))
     probe_noise = torch.randn(batch.target.shape)
-    assert opd.field_error(student, teacher, batch, probe_noise).item() == 0
+    assert opd.field_errors(student, teacher, batch, probe_noise).mean().item() == 0
     other = frozen(random_field(3))
     assert opd.distill_loss(student, {"local_edit": other}, batch, cfg, train.step_generator(0, 0))[0] > 1e-4
     guided = config(mode=mode, cfg_alpha=3.0)  # CFG absorption: the guided teacher is not the plain student
@@ -204,14 +204,14 @@ def test_field_error_falls_faster_on_policy_than_off_policy():
         cfg = config(mode=mode, tasks="t2i", batch_size=8, lr=1e-3)
         student = opd.make_student(base.state_dict(), MCFG, 0, 1.0, "cpu")
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0)
-        start = opd.field_error(student, teacher, probe, noise).item()
+        start = opd.field_errors(student, teacher, probe, noise).mean().item()
         for step in range(20):
             batch = opd.get_batch(cfg, ["t2i"], step, 32, "cpu")
             loss, _ = opd.distill_loss(student, {"t2i": teacher}, batch, cfg, train.step_generator(0, step))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step(), opt.zero_grad()
-        final[mode] = opd.field_error(student, teacher, probe, noise).item()
+        final[mode] = opd.field_errors(student, teacher, probe, noise).mean().item()
         print(f"field error {mode}: {start:.4f} -> {final[mode]:.4f}")
         assert final[mode] < 0.8 * start
     assert final["onpolicy"] < 0.5 * final["offpolicy"], final
@@ -246,6 +246,9 @@ def test_end_to_end_resume_and_errors(tmp_path, monkeypatch, capsys):
     assert "| danceopd |" in open("results/danceopd.md").read()
     rows = [json.loads(line) for line in open(f"{tmp_path}/a/log.jsonl")]
     assert [r["step"] for r in rows] == [2, 4, 4] and set(rows[0]["field_error"]) == set(TASKS)
+    by_state = rows[0]["field_error_by_state"]  # one error per rollout state; their mean is the logged error
+    assert all(len(by_state[t]) == 16 and abs(sum(by_state[t]) / 16 - rows[0]["field_error"][t]) < 1e-3
+               for t in TASKS)
     # cached teachers are reused; an interrupted + resumed run equals the uninterrupted one bitwise
     run(common + [f"--out={tmp_path}/b", "--eval_n=0", "--stop_at=2"])
     run(common + [f"--out={tmp_path}/b", "--eval_n=0", "--resume"])

@@ -105,3 +105,14 @@ def test_batches_are_tokenized_to_the_model_text_length(tmp_path):
     assert batch.tokens.shape == (8, 24) and (batch.tokens != 0).any()
     with pytest.raises(SystemExit, match="--text_len=24 is too short for the t2i captions .* add --n_objects=1"):
         run(tmp_path / "x", "--text_len=24")
+
+
+def test_logit_normal_times_favour_mid_noise(tmp_path):
+    """--t_sampling=logit_normal draws t = sigmoid(N(0, 1)): about 73% in [0.25, 0.75], against 50% uniform."""
+    env = train.Env(torch.device("cpu"), None, False, 0, 1)
+    for kind, lo, hi in (("uniform", 0.45, 0.55), ("logit_normal", 0.69, 0.77)):
+        cfg = train.parse_config(train.Config(), ["--preset=tiny", "--batch_size=512", f"--t_sampling={kind}"])
+        t = torch.cat([train.get_batch(cfg, env, step=s, res=32)[1]["t"] for s in range(4)])
+        assert 0 < t.min() and t.max() < 1 and lo < ((t > 0.25) & (t < 0.75)).float().mean() < hi, kind
+    with pytest.raises(SystemExit, match="--t_sampling takes uniform or logit_normal, not 'beta'"):
+        run(tmp_path / "x", "--t_sampling=beta")
