@@ -313,7 +313,6 @@ def field_errors(student, teacher, batch, noise, steps=16, cfg_alpha=1.0):
                         for i, x in enumerate(states)])
 
 
-
 # ----------------------------------------------------------------------------- the run
 def train(cfg):
     tasks = check_config(cfg)
