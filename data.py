@@ -137,6 +137,24 @@ def global_edit(rng, split):
             return text, src, tgt
 
 
+EDIT_KINDS = {"local_edit": ("recolor", "remove", "add", "move"),
+              "global_edit": ("background", "swap", "hue", "invert", "grayscale", "darken", "mirror")}
+# The words that name each kind in the instructions above; anything else is a recolour (local) or a background
+# edit (global). Grayscale's "black and white" is matched on "and": "white" is also a background colour.
+_KIND_WORDS = {"local_edit": {"remove": "remove", "delete": "remove", "take": "remove", "add": "add", "put": "add",
+                              "move": "move"},
+               "global_edit": {"swap": "swap", "exchange": "swap", "hues": "hue", "rotate": "hue", "invert": "invert",
+                               "grayscale": "grayscale", "and": "grayscale", "darken": "darken", "darker": "darken",
+                               "mirror": "mirror", "flip": "mirror"}}
+
+
+def edit_kind(task, text):
+    """The kind of a local or global edit (EDIT_KINDS), read back from the words of its instruction."""
+    words = text.split()
+    first = words[0] if task == "local_edit" else next((w for w in words if w in _KIND_WORDS[task]), None)
+    return _KIND_WORDS[task].get(first, "recolor" if task == "local_edit" else "background")
+
+
 def _disc(res, cx, cy, r):
     y = (np.arange(res) + 0.5) / res
     return ((y[None, :] - cx) ** 2 + (y[:, None] - cy) ** 2 <= r * r).astype(np.float32)

@@ -47,16 +47,21 @@ T2I_SUBSETS_ONE_OBJECT = [("t2i 1 object", "test", 1), ("t2i held-out pairs, 1 o
 @torch.no_grad()
 def evaluate_task(model, task, n, res, device, split="test", n_objects=None, steps=16, cfg_scale=1.0, seed=0,
                   batch_size=100):
-    """Sample `model` on n fixed test examples of `task` and score them. Returns the scorer's means."""
-    rows, weights = [], []
+    """Sample `model` on n fixed test examples of `task` and score them. Returns the scorer's means, and for
+    local and global edits the success per edit kind ("success move": data.EDIT_KINDS)."""
+    rows, weights, kinds = [], [], {}
     for i in range(0, n, batch_size):
         b = data.make_batch(task, min(batch_size, n - i), res, device, seed=seed * 1000 + i, split=split,
                             n_objects=n_objects, text_len=model.config.max_text_len)
         noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(seed * 1000 + i)).to(device)
         x = euler(model, noise, model_inputs(b), steps, cfg_scale).clamp(-1, 1)
-        rows.append(scorer.score(task, x, b)[0])
+        means, success = scorer.score(task, x, b)
+        rows.append(means)
         weights.append(len(b.text))
-    return {k: sum(r[k] * w for r, w in zip(rows, weights)) / sum(weights) for k in rows[0]}
+        for text, s in zip(b.text, success) if task in data.EDIT_KINDS else ():
+            kinds.setdefault(data.edit_kind(task, text), []).append(s)
+    out = {k: sum(r[k] * w for r, w in zip(rows, weights)) / sum(weights) for k in rows[0]}
+    return out | {f"success {k}": sum(kinds[k]) / len(kinds[k]) for k in data.EDIT_KINDS.get(task, ()) if k in kinds}
 
 
 @torch.no_grad()
@@ -140,6 +145,13 @@ def main(cfg):
                               if m and k in m)
             cells.append("-" if m is None else f"{m['success']:.3f}" + (f" ({extra})" if extra else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for task in (t for t in tasks if t in data.EDIT_KINDS):
+        kinds = [k for k in data.EDIT_KINDS[task] if any(f"success {k}" in r.get(task, {}) for r in results.values())]
+        if kinds:
+            lines += ["", f"{task} success by edit kind:", "", "| checkpoint | " + " | ".join(kinds) + " |",
+                      "|---|" + "---|" * len(kinds)]
+            lines += [f"| {label} | " + " | ".join(f"{r[task].get(f'success {k}', 0):.3f}" for k in kinds) + " |"
+                      for label, r in results.items() if task in r]
     for label, p in probes.items():
         lines += probe_lines(label, p)
     os.makedirs("results", exist_ok=True)

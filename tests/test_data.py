@@ -104,6 +104,32 @@ def test_global_edits_do_what_they_say():
             assert data.INVERT_BG[src.sky] == tgt.sky
 
 
+def test_edit_kind_reads_back_what_the_edit_did():
+    """evaluate.py's per-kind success relies on it: the kind named by the words is the change in the specs."""
+    def did(task, src, tgt):
+        objs = lambda s, key: sorted(key(o) for o in s.objects)
+        if task == "local_edit":
+            if len(tgt.objects) != len(src.objects):
+                return "add" if len(tgt.objects) > len(src.objects) else "remove"
+            return "move" if objs(tgt, lambda o: o.cell) != objs(src, lambda o: o.cell) else "recolor"
+        if tgt.tone != src.tone:
+            return {"gray": "grayscale", "dark": "darken"}[tgt.tone]
+        if (tgt.sky, tgt.ground) != (src.sky, src.ground):
+            return "invert" if tgt.sky == data.INVERT_BG[src.sky] and src.objects[0].color != tgt.objects[0].color \
+                else "background"
+        if objs(tgt, lambda o: o.cell) != objs(src, lambda o: o.cell):
+            return "mirror"
+        shifted = all(b.color == data._shift(a.color, 2) for a, b in zip(src.objects, tgt.objects))
+        return "hue" if shifted and len(src.objects) > 1 else None  # one object: a hue shift may look like a swap
+    for task in data.EDIT_KINDS:
+        b = data.make_batch(task, 300, 32, seed=5)
+        kinds = [data.edit_kind(task, t) for t in b.text]
+        assert set(kinds) == set(data.EDIT_KINDS[task])
+        for text, kind, src, tgt in zip(b.text, kinds, b.sources, b.specs):
+            truth = did(task, src, tgt)
+            assert truth is None or truth == kind or (kind == "swap" and truth in ("hue", None)), (text, truth)
+
+
 def test_vqa_is_balanced_and_answers_are_true():
     for family in data.FAMILIES:
         v = data.vqa_batch(family, 40, 32, seed=19)
