@@ -18,11 +18,10 @@ embeddings, which the T2I base never trained, train in full. One optimizer step:
 For Euler transitions with shared Gaussian noise the KL between student and teacher transitions is
 proportional to |dt (v_student - v_teacher)|^2: MSE on the student's own states is on-policy reverse-KL.
 Ablations and baselines, each a flag: --mode=offpolicy (states from forward-noised data) | dense (all 16 states
-weighted by dt^2/2, DiffusionOPD), --routing=soft (average of all teachers), --query=median|high|low|uniform,
---query_k=4, --cfg_alpha (CFG absorption); weight merging of the experts (`merge_weights`, a row of the table);
-joint SFT comes from `python train.py --task=joint` and joins the table through --compare=joint=PATH.
+weighted by dt^2/2, DiffusionOPD), --routing=soft (average of all teachers), --query=median|high|low|uniform|
+curriculum, --query_k=4, --cfg_alpha (CFG absorption), --rollin (teacher roll-in, DAgger); weight merging of the
+experts (a row of the table); joint SFT: `python train.py --task=joint`, a row through --compare=joint=PATH.
 No EMA (METHODS.md names none): the checkpoint's "ema" holds the merged student, so train.load_model finds it.
-Quick check: OMP_NUM_THREADS=1 python -m pytest -q tests/test_distill.py
 """
 import copy
 import dataclasses
@@ -66,9 +65,10 @@ class Config:
     lora_scale: float = 1.0        # LoRA scale (alpha / r)
     rollout_steps: int = 16        # Euler steps of the student rollout (and of evaluation)
     query_k: int = 1               # query states per rollout, drawn independently (paper ablation: 1 vs 4 vs 16)
-    query: str = "beta"            # query position: beta = Beta(5,2) | median | high | low | uniform (QUERY below)
+    query: str = "beta"            # query position: beta = Beta(5,2) | median | high | low | uniform | curriculum
     mode: str = "onpolicy"         # onpolicy | offpolicy (forward-noised data) | dense (all states, dt^2/2)
     routing: str = "hard"          # hard (the routed teacher) | soft (average of all teachers)
+    rollin: float = 0.0            # DAgger roll-in: P(a rollout step is the teacher's), falling linearly to 0 (0 = off)
     cfg_alpha: float = 1.0         # CFG absorption: teacher guided with alpha, student unguided (1.0 = off)
     log_every: int = 50            # steps between log lines (loss, field error on fixed probes)
     ckpt_every: int = 500          # steps between checkpoints (and one at the end)
@@ -86,8 +86,9 @@ class Config:
 # states[0] is pure noise and states[i] sits at t = 1 - i / n (shift 1): a LARGE index is a LOW-noise state.
 # Beta(5, 2) (mean 5/7) thus favours the low-noise end, as METHODS.md says ("biased toward the low-noise end");
 # it is the paper's "low-t" row. median = Beta(5, 5) and high = Beta(2, 5) (its mirror) are the median-t and
-# high-t ablations; low = always the last state before the final step (t = 1/n); uniform = Beta(1, 1).
-QUERY = {"beta": (5, 2), "median": (5, 5), "high": (2, 5), "uniform": (1, 1), "low": None}
+# high-t ablations; low = always the last state before the final step (t = 1/n); uniform = Beta(1, 1); curriculum
+# = high with probability 1 - step / steps, else beta: the noise end (where edits are decided) first.
+QUERY = {"beta": (5, 2), "median": (5, 5), "high": (2, 5), "uniform": (1, 1), "low": None, "curriculum": None}
 MODES, ROUTINGS = ("onpolicy", "offpolicy", "dense"), ("hard", "soft")
 
 # Per preset: how a missing base or expert is built (train.py options) and the distillation's steps, batch and lr.
@@ -123,7 +124,7 @@ def check_config(cfg):
                 "--batch_size, --steps, --lr, --base_steps, --base_batch and --expert_steps must be >= 0 (0 = the "
                 "preset's)" if min(cfg.batch_size, cfg.steps, cfg.lr, cfg.base_steps, cfg.base_batch,
                                    cfg.expert_steps) < 0 else "",
-                "--lora_rank must be >= 0" if cfg.lora_rank < 0 else ""]
+                "--lora_rank >= 0, --rollin in [0, 1]" if cfg.lora_rank < 0 or not 0 <= cfg.rollin <= 1 else ""]
     problems += [f"--experts/--compare take LABEL=PATH,..., not {item!r}" for item in
                  (cfg.experts + "," + cfg.compare).split(",") if item and not item.partition("=")[2]]
     if any(problems):
@@ -132,8 +133,7 @@ def check_config(cfg):
 
 
 def resolve(cfg):
-    """A copy of cfg with what was left to the preset filled in: --preset=auto (base on CUDA, small on the CPU),
-    then the options left at 0 (-1 for base_objects) from RECIPES[preset]."""
+    """cfg with --preset=auto resolved (base on CUDA, small on the CPU), then options left at 0 from RECIPES."""
     name = cfg.preset if cfg.preset != "auto" else "base" if wants_cuda(cfg.device) else "small"
     recipe = RECIPES[name]
     return dataclasses.replace(
@@ -249,10 +249,12 @@ def get_batch(cfg, tasks, step, res, device, text_len=world.MAX_TOKENS):
                            text_len=text_len)                   # the models' caption length
 
 
-def query_index(gen, shape, n, position="beta"):
-    """State indices floor(u * n), u ~ Beta(a, b) of QUERY[position] (see the convention above QUERY).
-
-    Integer a, b: the a-th smallest of a + b - 1 uniforms is exactly Beta(a, b), and it can use `gen`."""
+def query_index(gen, shape, n, position="beta", progress=0.0):
+    """State indices floor(u * n), u ~ Beta(a, b) of QUERY[position] (convention above QUERY; the a-th smallest of
+    a + b - 1 uniforms is exactly Beta(a, b), so it can use `gen`); curriculum mixes at progress = step / steps."""
+    if position == "curriculum":
+        high, beta = query_index(gen, shape, n, "high"), query_index(gen, shape, n, "beta")
+        return torch.where(torch.rand(shape, generator=gen) < progress, beta, high)
     if QUERY[position] is None:
         return torch.full(shape, n - 1, dtype=torch.long)
     a, b = QUERY[position]
@@ -260,8 +262,9 @@ def query_index(gen, shape, n, position="beta"):
     return (u * n).long().clamp(max=n - 1)                                       # (*shape,) in 0..n-1
 
 
-def query_states(cfg, student, batch, gen):
-    """Steps 3-4: the states the teacher is asked about, detached, with their times, weights and inputs.
+def query_states(cfg, student, batch, gen, teacher=None, progress=0.0):
+    """Steps 3-4: the states the teacher is asked about, detached, with their times, weights and inputs, at
+    `progress` = step / steps. With --rollin, an Euler step of the rollout may be `teacher`'s (the batch's step).
 
     Returns x (N, 3, H, W), t (N,), w (N,) with N = B * K, and the model inputs repeated K times."""
     inputs = model_inputs(batch)
@@ -272,14 +275,16 @@ def query_states(cfg, student, batch, gen):
         idx = torch.arange(n).expand(B, n)
         w = ((ts[1:] - ts[:-1]) ** 2 / 2)[idx.to(device)]                          # (B, n)
     else:
-        idx = query_index(gen, (B, cfg.query_k), n, cfg.query)
+        idx = query_index(gen, (B, cfg.query_k), n, cfg.query, progress)
         w = torch.full((B, cfg.query_k), 1 / cfg.query_k, device=device)         # plain mean over queries
     idx = idx.to(device)
     K, t = idx.shape[1], ts[idx]                                                   # (B, K)
     if cfg.mode == "offpolicy":  # forward-noised dataset targets at the same times
         x = interpolate(batch.target.repeat_interleave(K, 0), noise.repeat_interleave(K, 0), t.flatten())
     else:
-        states, _, _ = rollout(student, noise, inputs, n)                          # (n, B, 3, H, W), no grad
+        rollin = cfg.rollin * (1 - progress)                                      # falls linearly to 0
+        field = [teacher if u < rollin else student for u in torch.rand(n, generator=gen).tolist()]
+        states, _, _ = rollout(field, noise, inputs, n)                            # (n, B, 3, H, W), no grad
         x = states[idx, torch.arange(B, device=device)[:, None]].flatten(0, 1)     # (B K, 3, H, W)
     inputs = {k: None if v is None else v.repeat_interleave(K, 0) for k, v in inputs.items()}
     return x.detach(), t.flatten(), w.flatten(), inputs
@@ -292,9 +297,9 @@ def teacher_velocity(teachers, route, x, t, inputs, routing="hard", cfg_alpha=1.
     return torch.stack([guided_velocity(m, x, t, inputs, cfg_alpha).float() for m in fields]).mean(0)
 
 
-def distill_loss(student, teachers, batch, cfg, gen):
+def distill_loss(student, teachers, batch, cfg, gen, progress=0.0):
     """Steps 3-6 on one batch of the routed bucket: weighted MSE of student vs teacher velocity. (loss, logs)"""
-    x, t, w, inputs = query_states(cfg, student, batch, gen)
+    x, t, w, inputs = query_states(cfg, student, batch, gen, teachers.get(batch.task), progress)
     target = teacher_velocity(teachers, batch.task, x, t, inputs, cfg.routing, cfg.cfg_alpha)
     v = student(x, t, **inputs)                                                    # unguided, (N, 3, H, W)
     mse = (v.float() - target).square().mean((1, 2, 3))                            # (N,)
@@ -356,27 +361,24 @@ def train(cfg):
 
     os.makedirs(cfg.out, exist_ok=True)
     log = open(os.path.join(cfg.out, "log.jsonl"), "a")
-    if start == 0:
-        print(f"DanceOPD on {env.device}: preset {cfg.preset}, teachers {', '.join(tasks)}, {cfg.mode} {cfg.routing}, "
-              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {cfg.steps} steps")
+    print(f"DanceOPD on {env.device}: preset {cfg.preset}, teachers {', '.join(tasks)}, {cfg.mode} {cfg.routing}, "
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable params, steps {start} to {cfg.steps}")
     end = cfg.stop_at or cfg.steps
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=cfg.quiet)
     t0 = time.time()
     for step in bar:
-        # checkpoint
-        if step > start and step % cfg.ckpt_every == 0:
+        if step > start and step % cfg.ckpt_every == 0:                           # checkpoint
             save(step)
-        # batch: hard routing picks the bucket
-        batch = get_batch(cfg, tasks, step, res, env.device, mcfg.max_text_len)
+        batch = get_batch(cfg, tasks, step, res, env.device, mcfg.max_text_len)   # hard routing picks the bucket
         # forward under ctx (rollout without grad inside), backward, clip, step
         with env.ctx:
-            loss, logs = distill_loss(train_student, fields, batch, cfg, step_generator(cfg.seed, step))
+            loss, logs = distill_loss(train_student, fields, batch, cfg, step_generator(cfg.seed, step),
+                                      step / cfg.steps)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        # log (the only host sync)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:                    # log (the only host sync)
             with env.ctx:
                 fe = {t: field_errors(student, teachers[t], *probes[t], cfg.rollout_steps, cfg.cfg_alpha).tolist()
                       for t in tasks}
@@ -419,12 +421,11 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
         results[label]["average"] = {k: sum(results[label][t][k] for t in tasks) / len(tasks)
                                      for k in ("success", "attributes")}
     columns = tasks + ["average"]
-    lines = [f"Exact-scorer success / mean attribute accuracy of the DanceOPD student and its references, "
-             f"{cfg.eval_n} test examples per task, "
-             f"{cfg.rollout_steps} Euler steps, t2i scenes of {cfg.base_objects or '1-3'} object(s); student unguided, "
-             f"teachers at CFG {cfg.cfg_alpha}. "
-             f"Student: {cfg.mode}, {cfg.routing} routing, query {cfg.query} K={cfg.query_k}, {cfg.steps} steps. "
-             f"Command: `{f'python distill_onpolicy.py {command_args(cfg)}'.strip()}`", "",
+    lines = [f"Exact-scorer success / mean attribute accuracy of the DanceOPD student and its references, {cfg.eval_n} "
+             f"test examples per task, {cfg.rollout_steps} Euler steps, t2i scenes of {cfg.base_objects or '1-3'} "
+             f"object(s); student unguided, teachers at CFG {cfg.cfg_alpha}. Student: {cfg.mode}, {cfg.routing} "
+             f"routing, query {cfg.query} K={cfg.query_k}, {cfg.steps} steps. Command: `python distill_onpolicy.py "
+             f"{command_args(cfg)}`", "",
              "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {label} | " + " | ".join(f"{r[c]['success']:.3f} / {r[c]['attributes']:.3f}" for c in columns) + " |"
               for label, r in results.items()]

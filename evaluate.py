@@ -34,6 +34,8 @@ class Config:
     seed: int = 0                 # data and noise seed (the same for every checkpoint)
     name: str = "eval"            # results/<name>.md and results/<name>.json
     shape_probe: int = 0          # t2i: also draw this many 1-object scenes once per shape word (0 = off)
+    teachers: str = ""            # handover probe: TASK=PATH,...; each checkpoint and its task's teacher share rollouts
+    handover_at: str = "0,1,2,4,8,12,16"  # the Euler steps at which the probe hands one model's state to the other
     device: str = "auto"          # auto | cpu | cuda
 
 
@@ -46,15 +48,18 @@ T2I_SUBSETS_ONE_OBJECT = [("t2i 1 object", "test", 1), ("t2i held-out pairs, 1 o
 
 @torch.no_grad()
 def evaluate_task(model, task, n, res, device, split="test", n_objects=None, steps=16, cfg_scale=1.0, seed=0,
-                  batch_size=100):
+                  batch_size=100, first=None, handover=0):
     """Sample `model` on n fixed test examples of `task` and score them. Returns the scorer's means, and for
-    local and global edits the success per edit kind ("success move": data.EDIT_KINDS)."""
+    local and global edits the success per edit kind ("success move": data.EDIT_KINDS). With `first`, that
+    model takes the first `handover` Euler steps and `model` the rest, from the state `first` reached."""
     rows, weights, kinds = [], [], {}
     for i in range(0, n, batch_size):
         b = data.make_batch(task, min(batch_size, n - i), res, device, seed=seed * 1000 + i, split=split,
                             n_objects=n_objects, text_len=model.config.max_text_len)
         noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(seed * 1000 + i)).to(device)
-        x = euler(model, noise, model_inputs(b), steps, cfg_scale).clamp(-1, 1)
+        cond = model_inputs(b)
+        x = noise if first is None else euler(first, noise, cond, steps, cfg_scale, stop=handover)
+        x = euler(model, x, cond, steps, cfg_scale, start=0 if first is None else handover).clamp(-1, 1)
         means, success = scorer.score(task, x, b)
         rows.append(means)
         weights.append(len(b.text))
@@ -102,6 +107,32 @@ def probe_lines(label, p):
                           ", ".join(f"{k} {v:.2f}" for k, v in p["sensitivity"].items())]
 
 
+def handover_probe(student, teacher, task, cfg, steps_at, res, device):
+    """Where along the trajectory does `student` lose its teacher? For each k in steps_at, the student takes the
+    first k Euler steps and the teacher the rest ("student first"), and the other way round ("teacher first"),
+    on the same examples and noise. "student first" at k says whether the student's state after k steps can
+    still become the teacher's answer; "teacher first" whether the student finishes the teacher's states."""
+    run = lambda first, rest, k: evaluate_task(rest, task, cfg.n, res, device, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
+                                               seed=cfg.seed, batch_size=cfg.batch_size, first=first, handover=k)
+    out = {"student first": {}, "teacher first": {}}
+    for k in steps_at:
+        out["student first"][k] = run(student, teacher, k)
+        out["teacher first"][k] = run(teacher, student, k)
+        print(f"handover {task} at {k}: student first {out['student first'][k]['success']:.3f}, "
+              f"teacher first {out['teacher first'][k]['success']:.3f}")
+    return out
+
+
+def handover_lines(label, task, h, steps):
+    ks = list(h["student first"])
+    return ["", f"Handover probe of {label} on {task}: success when one model takes the first k of "
+            f"{steps} Euler steps and the other the rest, from the same noise.", "",
+            "| first k steps by | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)] + \
+        [f"| {who.split()[0]}, then the {'teacher' if who == 'student first' else 'student'} | " +
+         " | ".join(f"{h[who][k]['success']:.3f}" for k in ks) + " |"
+         for who in h]
+
+
 HEADLINE = {"psnr_outside": "PSNR out", "seam_error": "seam", "concept_debiased": "CP debiased",
             "prompt": "PF"}  # extra columns next to success
 
@@ -115,7 +146,13 @@ def main(cfg):
         raise SystemExit(f"unknown task {bad[0]!r}" if bad else "--ckpts=PATH[,PATH...] is required")
     if not cfg.name or os.sep in cfg.name or cfg.name.startswith("."):
         raise SystemExit(f"--name={cfg.name!r} must be a plain file name: results go to results/<name>.md and .json")
-    results, probes = {}, {}
+    results, probes, handovers = {}, {}, {}
+    teachers = dict(item.split("=", 1) for item in cfg.teachers.split(",")) if cfg.teachers else {}
+    if any(t not in data.TASKS for t in teachers) or any(not p for p in teachers.values()):
+        raise SystemExit(f"--teachers={cfg.teachers!r} must be TASK=PATH,... with tasks from {data.TASKS}")
+    steps_at = [int(k) for k in cfg.handover_at.split(",")]
+    if any(not 0 <= k <= cfg.steps for k in steps_at):
+        raise SystemExit(f"--handover_at={cfg.handover_at!r}: each step must lie in 0..{cfg.steps}")
     for item in cfg.ckpts.split(","):
         label, _, path = item.rpartition("=")
         label = label or os.path.basename(os.path.dirname(path)) or path
@@ -133,6 +170,9 @@ def main(cfg):
                 print(f"{label:>16s} {name:20s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
             if task == "t2i" and cfg.shape_probe:
                 probes[label] = shape_probe(model, cfg.shape_probe, res, device, cfg.steps, cfg.cfg_scale, cfg.seed)
+            if task in teachers:
+                handovers[label, task] = handover_probe(model, load_model(teachers[task], device)[0], task, cfg,
+                                                        steps_at, res, device)
     columns = [c for c in dict.fromkeys(k for r in results.values() for k in r)]
     lines = [f"Exact-scorer success (fraction right) of each checkpoint, {cfg.n} test examples per column, "
              f"{cfg.steps} Euler steps, CFG {cfg.cfg_scale}. Command: `python evaluate.py {cfg_args(cfg)}`", "",
@@ -154,11 +194,15 @@ def main(cfg):
                       for label, r in results.items() if task in r]
     for label, p in probes.items():
         lines += probe_lines(label, p)
+    for (label, task), h in handovers.items():
+        lines += handover_lines(label, task, h, cfg.steps)
     os.makedirs("results", exist_ok=True)
     with open(f"results/{cfg.name}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(f"results/{cfg.name}.json", "w") as f:
-        json.dump(dict(config=vars(cfg), results=results, **({"shape_probe": probes} if probes else {})), f, indent=1)
+        json.dump(dict(config=vars(cfg), results=results, **({"shape_probe": probes} if probes else {}),
+                       **({"handover": {f"{l} {t}": h for (l, t), h in handovers.items()}} if handovers else {})),
+                  f, indent=1)
     print("\n".join(lines))
     print(f"wrote results/{cfg.name}.md and results/{cfg.name}.json")
     return results

@@ -82,12 +82,13 @@ def rollout(model, noise, cond: dict, steps, cfg_scale=1.0, shift=1.0):
     """Euler sampling that keeps its trajectory, for on-policy methods (DanceOPD step 3).
 
     Returns states (steps, B, ...) with states[i] the state at ts[i] BEFORE step i (states[0] = noise),
-    ts (steps + 1,), and the final state x0 (B, ...). Everything is detached."""
+    ts (steps + 1,), and the final state x0 (B, ...). Everything is detached. `model` may also be a list of
+    `steps` models, model[i] taking step i (a roll-in that mixes two fields)."""
     ts = timesteps(steps, shift, noise.device)
     x, states = noise, []
     for i in range(steps):
         states.append(x)
-        v = guided_velocity(model, x, ts[i], cond, cfg_scale)
+        v = guided_velocity(model[i] if isinstance(model, list) else model, x, ts[i], cond, cfg_scale)
         x = x + (ts[i + 1] - ts[i]) * v
     return torch.stack(states), ts, x
 

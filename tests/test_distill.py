@@ -71,6 +71,26 @@ def test_rollout_has_no_grad_and_the_query_is_detached():
     assert max((a - b).abs().max().item() for a, b in zip(g_opd, grads(student))) > 1e-4
 
 
+def test_rollin_takes_the_teachers_steps():
+    """--rollin: with probability 1 the queried states lie on the teacher's own rollout, with 0 on the student's,
+    and in between on a rollout that mixes the two (still detached)."""
+    student, teacher = random_field(1), frozen(random_field(2))
+    cfg = config(tasks="t2i", query="uniform", query_k=4)
+    batch = opd.get_batch(cfg, ["t2i"], 0, 32, "cpu")
+    noise = torch.randn(batch.target.shape, generator=train.step_generator(0, 0))  # query_states' first draw
+    xs = {}
+    for p, field in ((0.0, student), (1.0, teacher), (0.5, None)):
+        x, t, _, _ = opd.query_states(config(tasks="t2i", query="uniform", query_k=4, rollin=p), student, batch,
+                                       train.step_generator(0, 0), teacher)
+        assert x.grad_fn is None
+        xs[p], idx = x, ((1 - t) * 16).round().long().view(4, 4)
+        if field is not None:
+            states, _, _ = sample.rollout(field, noise, train.model_inputs(batch), 16)
+            torch.testing.assert_close(x, states[idx, torch.arange(4)[:, None]].flatten(0, 1))
+    late = (idx.flatten() > 1)  # states after both fields could have taken a step
+    assert all((xs[0.5][late] - xs[p][late]).abs().max() > 1e-4 for p in (0.0, 1.0))
+
+
 def test_teachers_stay_frozen_and_only_lora_moves(tmp_path):
     teachers = {}
     for i, task in enumerate(TASKS):  # through the script's own loader, from checkpoints
@@ -174,6 +194,18 @@ def test_query_index_follows_the_discrete_beta(position, ab):
         t = sample.timesteps(n)[idx]
         assert t.mean() < 0.35 and (t <= 0.5).float().mean() > 0.85
     assert torch.equal(idx, opd.query_index(torch.Generator().manual_seed(0), (50_000,), n, position))
+
+
+def test_the_curriculum_moves_from_the_high_noise_mix_to_beta():
+    """--query=curriculum: at progress p a query is Beta(5, 2) with probability p, else Beta(2, 5)."""
+    n, ab = 16, {"high": (2, 5), "beta": (5, 2)}
+    bins = {k: [beta_cdf((i + 1) / n, *v) - beta_cdf(i / n, *v) for i in range(n)] for k, v in ab.items()}
+    for p in (0.0, 0.3, 1.0):
+        idx = opd.query_index(torch.Generator().manual_seed(0), (50_000,), n, "curriculum", p)
+        stat, dof = chi_square(idx, [(1 - p) * h + p * b for h, b in zip(bins["high"], bins["beta"])])
+        assert stat < critical(dof), (p, stat)
+        wrong, _ = chi_square(idx, [(0.7 - 0.4 * p) * h + (0.3 + 0.4 * p) * b for h, b in zip(*bins.values())])
+        assert wrong > critical(dof), (p, wrong)  # a mix 30 points off is rejected
 
 
 @pytest.mark.parametrize("mode", ["onpolicy", "offpolicy", "dense"])

@@ -1,7 +1,11 @@
-"""evaluate.py's shape probe tells a model that draws the shape it is asked for from one that does not."""
+"""evaluate.py's shape probe tells a model that draws the shape it is asked for from one that does not; its
+handover probe hands the trajectory from one model to the other at the step it names."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+import data
 import evaluate
 import world
 
@@ -35,3 +39,24 @@ def test_shape_probe_reads_the_shape_word_or_its_absence():
 def test_a_name_that_is_a_path_is_a_clear_error():
     with pytest.raises(SystemExit, match="must be a plain file name"):
         evaluate.main(evaluate.parse_config(evaluate.Config(), ["--ckpts=x.pt", "--name=../elsewhere"]))
+
+
+class Lookup(torch.nn.Module):
+    """The exact flow field towards a fixed image per example: Euler lands on it from any state at the last step."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0, self.config = x0, SimpleNamespace(max_text_len=world.MAX_TOKENS, image_size=32)
+
+    def forward(self, x, t, task, tokens, cond=None, ref=None):
+        return (x - self.x0) / t.view(-1, 1, 1, 1)
+
+
+def test_handover_probe_scores_the_model_that_finishes():
+    batch = data.make_batch("local_edit", 8, 32, "cpu", seed=0, split="test")  # evaluate_task's examples at n=8
+    editor, copier = Lookup(batch.target), Lookup(batch.cond[:, :3])           # the teacher; a student that copies
+    cfg = evaluate.Config(n=8, batch_size=8, steps=4)
+    h = evaluate.handover_probe(copier, editor, "local_edit", cfg, [0, 2, 4], 32, "cpu")
+    assert [h["student first"][k]["success"] for k in (0, 2, 4)] == [1.0, 1.0, 0.0]
+    assert [h["teacher first"][k]["success"] for k in (0, 2, 4)] == [0.0, 0.0, 1.0]
+    assert "| student, then the teacher | 1.000 | 1.000 | 0.000 |" in evaluate.handover_lines("s", "local_edit", h, 4)
