@@ -47,8 +47,9 @@ class Config:
     preset: str = "auto"           # model preset: tiny | small | base (auto = base on CUDA, small on the CPU)
     out: str = "out/danceopd"      # run directory: ckpt.pt (the merged student), log.jsonl
     resume: bool = False           # continue out/ckpt.pt to `steps`
-    base: str = ""                 # the base = T2I teacher = student init ("" = out/<preset>/base/ckpt.pt)
+    base: str = ""                 # the base = T2I teacher = student init, unless --init ("" = out/<preset>/base/...)
     experts: str = ""              # TASK=PATH,... of the other teachers (a task not named: out/<preset>/<task>/ckpt.pt)
+    init: str = ""                 # the student's start ("" = the base; e.g. joint SFT: a student that already edits)
     base_steps: int = 0            # train.py steps when the base is missing and must be built (0 = RECIPES below)
     base_batch: int = 0            # its batch (0 = RECIPES below)
     base_objects: int = -1         # objects per T2I scene: the base's data, the t2i bucket, evaluation (0 = 1-3,
@@ -169,12 +170,7 @@ def prerequisites(cfg, tasks):
 
 def peek(path):
     """A checkpoint's plain entries (step, config, model_config) without reading its tensors (mmap)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"missing checkpoint: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise SystemExit(f"{path} is not a checkpoint of this project ({type(e).__name__})") from None
+    return load_checkpoint(path, mmap=True)
 
 
 def build_if_missing(path, what, options):
@@ -193,8 +189,6 @@ def build_if_missing(path, what, options):
 def base_model_config(cfg, base_ckpt, path):
     """The base's own DiTConfig (model options such as pooled_text and the text length come with it); its preset
     fields must be --preset's. The teachers and the student all take this config."""
-    if "model_config" not in base_ckpt:
-        raise SystemExit(f"{path} is not a checkpoint of this project (no model_config)")
     mcfg = DiTConfig(**base_ckpt["model_config"])
     want = preset(cfg.preset, vocab_size=len(world.VOCAB))
     fields = [*PRESETS[cfg.preset], "vocab_size"]
@@ -334,7 +328,8 @@ def train(cfg):
     base_ckpt = load_checkpoint(paths["base"], mcfg)
     teachers = {task: load_teacher(paths[task], mcfg, task, env.device) for task in tasks}
     torch.manual_seed(cfg.seed)  # the LoRA init; everything later draws from step_generator
-    student = make_student(base_ckpt["ema"], mcfg, cfg.lora_rank, cfg.lora_scale, env.device)
+    init = load_checkpoint(cfg.init, mcfg)["ema"] if cfg.init else base_ckpt["ema"]
+    student = make_student(init, mcfg, cfg.lora_rank, cfg.lora_scale, env.device)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=env.device.type == "cuda")
     if cfg.resume:

@@ -151,7 +151,7 @@ def main(cfg):
     if any(t not in data.TASKS for t in teachers) or any(not p for p in teachers.values()):
         raise SystemExit(f"--teachers={cfg.teachers!r} must be TASK=PATH,... with tasks from {data.TASKS}")
     steps_at = [int(k) for k in cfg.handover_at.split(",")]
-    if any(not 0 <= k <= cfg.steps for k in steps_at):
+    if teachers and any(not 0 <= k <= cfg.steps for k in steps_at):
         raise SystemExit(f"--handover_at={cfg.handover_at!r}: each step must lie in 0..{cfg.steps}")
     for item in cfg.ckpts.split(","):
         label, _, path = item.rpartition("=")

@@ -155,12 +155,13 @@ def save_checkpoint(path, **state):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, model_config=None):
-    """Load a checkpoint (tensors and plain types only). If `model_config` is given it must match."""
+def load_checkpoint(path, model_config=None, mmap=False):
+    """Load a checkpoint (tensors and plain types only). If `model_config` is given it must match. mmap: the
+    tensors are read only when used (to look at step and config)."""
     if not os.path.isfile(path):
         raise SystemExit(f"missing checkpoint: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise SystemExit(f"{path} is not a checkpoint of this project ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "ema" not in ckpt:

@@ -288,6 +288,15 @@ def test_end_to_end_resume_and_errors(tmp_path, monkeypatch, capsys):
     a, b = (torch.load(f"{tmp_path}/{r}/ckpt.pt", weights_only=True) for r in "ab")
     assert a["step"] == b["step"] == 4
     assert all(torch.equal(a[key][k], b[key][k]) for key in ("student", "ema") for k in a[key])
+    # --init: the student starts from another checkpoint (here the base with every weight moved), not the base
+    other = torch.load(f"{teach}/base/ckpt.pt", weights_only=True)
+    other["ema"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in other["ema"].items()}
+    train.save_checkpoint(f"{tmp_path}/other.pt", **other)
+    run(common + [f"--out={tmp_path}/c", "--eval_n=0", f"--init={tmp_path}/other.pt", "--lr=1e-12"])
+    c = torch.load(f"{tmp_path}/c/ckpt.pt", weights_only=True)["ema"]
+    assert all(torch.allclose(c[k], other["ema"][k], atol=1e-6) for k in c)
+    with pytest.raises(SystemExit, match="missing checkpoint"):
+        run(common + [f"--out={tmp_path}/d", f"--init={tmp_path}/nothing.pt"])
     with pytest.raises(SystemExit, match="exists: pass --resume"):
         run(common + [f"--out={tmp_path}/a"])
     with pytest.raises(SystemExit, match="is not a --preset=small run"):  # refused before building anything
