@@ -150,9 +150,10 @@ def main(cfg):
     teachers = dict(item.split("=", 1) for item in cfg.teachers.split(",")) if cfg.teachers else {}
     if any(t not in data.TASKS for t in teachers) or any(not p for p in teachers.values()):
         raise SystemExit(f"--teachers={cfg.teachers!r} must be TASK=PATH,... with tasks from {data.TASKS}")
-    steps_at = [int(k) for k in cfg.handover_at.split(",")]
+    steps_at = [int(k) if k.strip().isdigit() else -1 for k in cfg.handover_at.split(",")]
     if teachers and any(not 0 <= k <= cfg.steps for k in steps_at):
         raise SystemExit(f"--handover_at={cfg.handover_at!r}: each step must lie in 0..{cfg.steps}")
+    teachers = {task: load_model(path, device)[0] for task, path in teachers.items()}  # loaded once
     for item in cfg.ckpts.split(","):
         label, _, path = item.rpartition("=")
         label = label or os.path.basename(os.path.dirname(path)) or path
@@ -171,8 +172,7 @@ def main(cfg):
             if task == "t2i" and cfg.shape_probe:
                 probes[label] = shape_probe(model, cfg.shape_probe, res, device, cfg.steps, cfg.cfg_scale, cfg.seed)
             if task in teachers:
-                handovers[label, task] = handover_probe(model, load_model(teachers[task], device)[0], task, cfg,
-                                                        steps_at, res, device)
+                handovers[label, task] = handover_probe(model, teachers[task], task, cfg, steps_at, res, device)
     columns = [c for c in dict.fromkeys(k for r in results.values() for k in r)]
     lines = [f"Exact-scorer success (fraction right) of each checkpoint, {cfg.n} test examples per column, "
              f"{cfg.steps} Euler steps, CFG {cfg.cfg_scale}. Command: `python evaluate.py {cfg_args(cfg)}`", "",

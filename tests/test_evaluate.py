@@ -60,3 +60,9 @@ def test_handover_probe_scores_the_model_that_finishes():
     assert [h["student first"][k]["success"] for k in (0, 2, 4)] == [1.0, 1.0, 0.0]
     assert [h["teacher first"][k]["success"] for k in (0, 2, 4)] == [0.0, 0.0, 1.0]
     assert "| student, then the teacher | 1.000 | 1.000 | 0.000 |" in evaluate.handover_lines("s", "local_edit", h, 4)
+
+
+def test_a_bad_handover_step_is_a_clear_error():
+    with pytest.raises(SystemExit, match="each step must lie in 0..16"):
+        evaluate.main(evaluate.parse_config(evaluate.Config(), ["--ckpts=x.pt", "--teachers=local_edit=y.pt",
+                                                                 "--handover_at=0,four"]))
