@@ -19,7 +19,7 @@ import torch
 import data
 import scorer
 import world
-from sample import euler
+from sample import euler, rollout, x0_from_v
 from train import load_model, model_inputs, parse_config
 
 
@@ -36,6 +36,8 @@ class Config:
     shape_probe: int = 0          # t2i: also draw this many 1-object scenes once per shape word (0 = off)
     teachers: str = ""            # handover probe: TASK=PATH,...; each checkpoint and its task's teacher share rollouts
     handover_at: str = "0,1,2,4,8,12,16"  # the Euler steps at which the probe hands one model's state to the other
+                                  # ("" = no handover probe)
+    source_probe: bool = False    # with --teachers: how much each model's x0 estimate follows the source, per state
     device: str = "auto"          # auto | cpu | cuda
 
 
@@ -133,6 +135,36 @@ def handover_lines(label, task, h, steps):
          for who in h]
 
 
+@torch.no_grad()
+def source_probe(model, teacher, task, cfg, res, device):
+    """How much does `model`'s clean-image estimate follow the source image, state by state? On the teacher's
+    rollouts of cfg.n test edits, each state's x0_hat = x_t - t v is computed twice, with the example's own
+    source and with another example's (the batch rolled by one), and
+        reliance = mean |x0_hat(other source) - x0_hat(own source)| / mean |other source - own source|,
+    1 for a field that pastes whatever source it is given, 0 when the state alone decides. Returns
+    {"model" | "teacher": {state index: reliance}} (state i sits at t = 1 - i / steps)."""
+    b = data.make_batch(task, cfg.n, res, device, seed=cfg.seed * 1000, split="test",
+                        text_len=model.config.max_text_len)
+    noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(cfg.seed * 1000)).to(device)
+    own = model_inputs(b)
+    other = dict(own, cond=own["cond"].roll(1, 0))
+    states, ts, _ = rollout(teacher, noise, own, cfg.steps)
+    gap = (other["cond"][:, :3] - own["cond"][:, :3]).abs().mean()
+    x0 = lambda m, x, t, c: x0_from_v(x, t, m(x, t.expand(len(x)), **c))
+    return {who: {i: float((x0(m, x, ts[i], other) - x0(m, x, ts[i], own)).abs().mean() / gap)
+                  for i, x in enumerate(states)} for who, m in (("model", model), ("teacher", teacher))}
+
+
+def source_lines(label, task, r):
+    ks = list(r["model"])
+    return ["", f"Source reliance of {label} on {task}, on its teacher's rollouts: |x0 estimate with another "
+            "example's source - with its own| / |the two sources' difference|, per state (1 = pastes the source, "
+            "0 = the state decides).", "", "| model | " + " | ".join(f"state {k}" for k in ks) + " |",
+            "|---|" + "---|" * len(ks)] + \
+        [f"| {label if who == 'model' else 'teacher'} | " + " | ".join(f"{r[who][k]:.2f}" for k in ks) + " |"
+         for who in r]
+
+
 HEADLINE = {"psnr_outside": "PSNR out", "seam_error": "seam", "concept_debiased": "CP debiased",
             "prompt": "PF"}  # extra columns next to success
 
@@ -146,11 +178,13 @@ def main(cfg):
         raise SystemExit(f"unknown task {bad[0]!r}" if bad else "--ckpts=PATH[,PATH...] is required")
     if not cfg.name or os.sep in cfg.name or cfg.name.startswith("."):
         raise SystemExit(f"--name={cfg.name!r} must be a plain file name: results go to results/<name>.md and .json")
-    results, probes, handovers = {}, {}, {}
+    results, probes, handovers, sources = {}, {}, {}, {}
     teachers = dict(item.split("=", 1) for item in cfg.teachers.split(",")) if cfg.teachers else {}
     if any(t not in data.TASKS for t in teachers) or any(not p for p in teachers.values()):
         raise SystemExit(f"--teachers={cfg.teachers!r} must be TASK=PATH,... with tasks from {data.TASKS}")
-    steps_at = [int(k) if k.strip().isdigit() else -1 for k in cfg.handover_at.split(",")]
+    steps_at = [int(k) if k.strip().isdigit() else -1 for k in cfg.handover_at.split(",") if k.strip()]
+    if cfg.source_probe and not teachers:
+        raise SystemExit("--source_probe=true needs --teachers=TASK=PATH,... (the probe runs on their rollouts)")
     if teachers and any(not 0 <= k <= cfg.steps for k in steps_at):
         raise SystemExit(f"--handover_at={cfg.handover_at!r}: each step must lie in 0..{cfg.steps}")
     teachers = {task: load_model(path, device)[0] for task, path in teachers.items()}  # loaded once
@@ -171,8 +205,10 @@ def main(cfg):
                 print(f"{label:>16s} {name:20s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
             if task == "t2i" and cfg.shape_probe:
                 probes[label] = shape_probe(model, cfg.shape_probe, res, device, cfg.steps, cfg.cfg_scale, cfg.seed)
-            if task in teachers:
+            if task in teachers and steps_at:
                 handovers[label, task] = handover_probe(model, teachers[task], task, cfg, steps_at, res, device)
+            if task in teachers and cfg.source_probe:
+                sources[label, task] = source_probe(model, teachers[task], task, cfg, res, device)
     columns = [c for c in dict.fromkeys(k for r in results.values() for k in r)]
     lines = [f"Exact-scorer success (fraction right) of each checkpoint, {cfg.n} test examples per column, "
              f"{cfg.steps} Euler steps, CFG {cfg.cfg_scale}. Command: `python evaluate.py {cfg_args(cfg)}`", "",
@@ -196,12 +232,15 @@ def main(cfg):
         lines += probe_lines(label, p)
     for (label, task), h in handovers.items():
         lines += handover_lines(label, task, h, cfg.steps)
+    for (label, task), r in sources.items():
+        lines += source_lines(label, task, r)
     os.makedirs("results", exist_ok=True)
     with open(f"results/{cfg.name}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(f"results/{cfg.name}.json", "w") as f:
         json.dump(dict(config=vars(cfg), results=results, **({"shape_probe": probes} if probes else {}),
-                       **({"handover": {f"{l} {t}": h for (l, t), h in handovers.items()}} if handovers else {})),
+                       **({"handover": {f"{l} {t}": h for (l, t), h in handovers.items()}} if handovers else {}),
+                       **({"source_probe": {f"{l} {t}": r for (l, t), r in sources.items()}} if sources else {})),
                   f, indent=1)
     print("\n".join(lines))
     print(f"wrote results/{cfg.name}.md and results/{cfg.name}.json")

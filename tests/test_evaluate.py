@@ -66,3 +66,25 @@ def test_a_bad_handover_step_is_a_clear_error():
     with pytest.raises(SystemExit, match="each step must lie in 0..16"):
         evaluate.main(evaluate.parse_config(evaluate.Config(), ["--ckpts=x.pt", "--teachers=local_edit=y.pt",
                                                                  "--handover_at=0,four"]))
+
+
+class Paster(Lookup):
+    """A field whose clean-image estimate is the source image it is given, whatever the state."""
+
+    def forward(self, x, t, task, tokens, cond=None, ref=None):
+        return (x - cond[:, :3]) / t.view(-1, 1, 1, 1)
+
+
+def test_source_probe_tells_a_field_that_pastes_the_source_from_one_that_reads_the_state():
+    batch = data.make_batch("local_edit", 8, 32, "cpu", seed=0, split="test")
+    editor = Lookup(batch.target)
+    cfg = evaluate.Config(n=8, steps=4)
+    r = evaluate.source_probe(Paster(batch.target), editor, "local_edit", cfg, 32, "cpu")
+    assert r["model"] == pytest.approx({i: 1.0 for i in range(4)}, abs=1e-5)
+    assert r["teacher"] == {i: 0.0 for i in range(4)}
+    assert "| teacher | 0.00 | 0.00 | 0.00 | 0.00 |" in evaluate.source_lines("p", "local_edit", r)
+
+
+def test_the_source_probe_needs_teachers():
+    with pytest.raises(SystemExit, match="needs --teachers"):
+        evaluate.main(evaluate.parse_config(evaluate.Config(), ["--ckpts=x.pt", "--source_probe=true"]))
