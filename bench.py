@@ -1,6 +1,6 @@
 """Speed: training throughput and MFU, eager vs torch.compile, sampling latency, peak memory, in one process.
 
-    python bench.py                          # base preset on a GPU (tiny on the CPU) -> results/bench_<device>.json
+    python bench.py                          # base preset on a GPU (tiny on the CPU) -> results/speed/bench_<device>.json
     python bench.py --preset=small --compile=off --out=results/bench_small.json
     OMP_NUM_THREADS=1 python bench.py --device=cpu --batch_size=4 --sample_batches=1,4   # quick CPU run (seconds)
 
@@ -32,6 +32,7 @@ import data
 import world
 import distill_onpolicy as opd
 import train
+from common import ema_update, model_inputs, parse_config, setup, step_generator
 from model import PRESETS, DiT, count_params, preset
 from sample import euler
 
@@ -195,7 +196,7 @@ def flow_matching_bench(cfg, env, mcfg, compile_on):
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        train.ema_update(ema, model, tcfg.ema)
+        ema_update(ema, model, tcfg.ema)
 
     return measure(step, cfg.warmup, cfg.iters, env.device)
 
@@ -203,7 +204,8 @@ def flow_matching_bench(cfg, env, mcfg, compile_on):
 def danceopd_bench(cfg, env, mcfg, dcfg, compile_on):
     """distill_onpolicy.py's step: distill_loss under ctx (rollout, teacher query, student forward), backward,
     clip, AdamW on the LoRA weights; the teacher is an untrained DiT (speed does not depend on the weights)."""
-    batch = opd.get_batch(dcfg, [cfg.task], 0, mcfg.image_size, env.device, mcfg.max_text_len)
+    batch = opd.get_batch(dcfg, [cfg.task], 0, mcfg.image_size, env.device, mcfg.max_text_len,
+                          one_object(mcfg) or None)
     torch.manual_seed(cfg.seed)
     teacher = DiT(mcfg).to(env.device).eval().requires_grad_(False)
     student = opd.make_student(teacher.state_dict(), mcfg, dcfg.lora_rank, dcfg.lora_scale, env.device)
@@ -215,7 +217,7 @@ def danceopd_bench(cfg, env, mcfg, dcfg, compile_on):
 
     def step():
         with env.ctx:
-            loss, _ = opd.distill_loss(train_student, fields, batch, dcfg, train.step_generator(cfg.seed, next(calls)))
+            loss, _ = opd.distill_loss(train_student, fields, batch, dcfg, step_generator(cfg.seed, next(calls)))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, dcfg.grad_clip)
         opt.step()
@@ -234,7 +236,7 @@ def sampling_bench(cfg, env, mcfg, modes):
     rows = []
     for mode, compile_mode in modes.items():
         for n, b in batches.items():
-            inputs, noise = train.model_inputs(b), torch.randn_like(b.target)
+            inputs, noise = model_inputs(b), torch.randn_like(b.target)
             net = compiled(model, mode != "eager", compile_mode)
             with env.ctx:
                 warm = measure(lambda: euler(net, noise, inputs, 1, cfg.cfg_scale), cfg.warmup, 1, env.device)
@@ -248,7 +250,7 @@ def sampling_bench(cfg, env, mcfg, modes):
 
 # ----------------------------------------------------------------------------- the run
 def main(cfg):
-    env = train.setup(cfg)
+    env = setup(cfg)
     if env.world > 1:
         raise SystemExit("bench.py runs in one process (no torchrun)")
     for key, value in AUTO[env.device.type].items():
@@ -260,8 +262,7 @@ def main(cfg):
     mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=cfg.text_len or world.MAX_TOKENS,
                   pooled_text=cfg.pooled_text)
     dcfg = opd.resolve(opd.Config(preset=cfg.preset, batch_size=cfg.batch_size, rollout_steps=cfg.rollout_steps,
-                                  lora_rank=cfg.lora_rank, seed=cfg.seed, device=env.device.type,
-                                  base_objects=one_object(mcfg) or -1))
+                                  lora_rank=cfg.lora_rank, seed=cfg.seed, device=env.device.type))
     cuda = env.device.type == "cuda"
     name = torch.cuda.get_device_name(env.device) if cuda else "cpu"
     fwd = forward_flops(mcfg, cfg.task)
@@ -311,7 +312,7 @@ def main(cfg):
         print(f"{r['mode']:<12}{r['batch']:>6}{r['steps']:>6}{r['ms_per_step']:>10.2f}{r['ms_total']:>10.1f}"
               f"{eager[r['batch'], r['steps']] / r['ms_per_step']:>9.2f}x{gib(r['peak_gib']):>10}")
 
-    out = cfg.out or f"results/bench_{env.device.type}.json"
+    out = cfg.out or f"results/speed/bench_{env.device.type}.json"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     report = dict(device=name, torch=torch.__version__, config=dataclasses.asdict(cfg),
                   model=dict(params=n_params, tokens=fwd["tokens"], forward_gflop=fwd["total"] / 1e9,
@@ -325,4 +326,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(train.parse_config(Config()))
+    main(parse_config(Config()))

@@ -21,7 +21,9 @@ Ablations and baselines, each a flag: --mode=offpolicy (states from forward-nois
 weighted by dt^2/2, DiffusionOPD), --routing=soft (average of all teachers), --query=median|high|low|uniform|
 curriculum, --query_k=4, --cfg_alpha (CFG absorption), --rollin (teacher roll-in, DAgger); weight merging of the
 experts (a row of the table); joint SFT: `python train.py --task=joint`, a row through --compare=joint=PATH.
-No EMA (METHODS.md names none): the checkpoint's "ema" holds the merged student, so train.load_model finds it.
+The base and the experts are the shared models of train.py (train.prerequisite: cached under out/<preset>/, built
+from train.RECIPES when missing). No EMA (METHODS.md names none): the checkpoint's "ema" holds the merged student.
+Findings, ablations and probes: docs/danceopd.md.
 """
 import copy
 import dataclasses
@@ -35,31 +37,29 @@ from tqdm import tqdm
 
 import data
 import world
-from model import DiT, DiTConfig, PRESETS, add_lora, merge_lora, preset
+from common import (load_checkpoint, load_model, load_teacher, model_inputs, parse_config, peek, save_checkpoint,
+                    setup, step_generator, wants_cuda)
+from evaluate import check_name, evaluate_task, write_results
+from model import DiT, PRESETS, add_lora, merged_copy
 from sample import guided_velocity, interpolate, rollout, timesteps
-from train import Config as TrainConfig, train as train_sft
-from train import load_checkpoint, load_model, model_inputs, parse_config, save_checkpoint, setup, step_generator
-from train import wants_cuda
+from train import preset_model_config, prerequisite, scene_objects
 
 
 @dataclass
 class Config:
     preset: str = "auto"           # model preset: tiny | small | base (auto = base on CUDA, small on the CPU)
-    out: str = "out/danceopd"      # run directory: ckpt.pt (the merged student), log.jsonl
+    out: str = ""                  # run directory: ckpt.pt (the merged student), log.jsonl ("" = out/<preset>/danceopd)
     resume: bool = False           # continue out/ckpt.pt to `steps`
-    base: str = ""                 # the base = T2I teacher = student init, unless --init ("" = out/<preset>/base/...)
-    experts: str = ""              # TASK=PATH,... of the other teachers (a task not named: out/<preset>/<task>/ckpt.pt)
+    base: str = ""                 # the base = T2I teacher = student init, unless --init ("" = out/<preset>/base/
+                                   # ckpt.pt, built from train.RECIPES if missing; a path given must exist)
+    experts: str = ""              # TASK=PATH,... of the other teachers (a task not named: the base's expert,
+                                   # <base dir>/experts/<task>/ckpt.pt, built from train.RECIPES if missing)
     init: str = ""                 # the student's start ("" = the base; e.g. joint SFT: a student that already edits)
-    base_steps: int = 0            # train.py steps when the base is missing and must be built (0 = RECIPES below)
-    base_batch: int = 0            # its batch (0 = RECIPES below)
-    base_objects: int = -1         # objects per T2I scene: the base's data, the t2i bucket, evaluation (0 = 1-3,
-                                   # -1 = RECIPES below)
-    expert_steps: int = 0          # train.py steps per expert (SFT from the base) when one must be built (0 = RECIPES)
     tasks: str = "t2i,local_edit,global_edit"  # the capabilities routed to, one teacher each
-    steps: int = 0                 # distillation steps (0 = RECIPES: 300 on CPU, 400 at base; paper: 3000)
+    steps: int = 0                 # distillation steps (0 = DEFAULTS: 300 on CPU, 400 at base; paper: 3000)
     stop_at: int = 0               # stop (and checkpoint) after this step, as an interrupted run would (0 = steps)
-    batch_size: int = 0            # rollouts per step, all from the routed task (0 = RECIPES: 16 on CPU, 64 at base)
-    lr: float = 0.0                # AdamW learning rate, constant (0 = RECIPES: 1e-3 on CPU, 3e-4 at base; paper: 2e-4)
+    batch_size: int = 0            # rollouts per step, all from the routed task (0 = DEFAULTS: 16 on CPU, 64 at base)
+    lr: float = 0.0                # AdamW learning rate, constant (0 = DEFAULTS: 1e-3 on CPU, 3e-4 at base; paper: 2e-4)
     weight_decay: float = 0.0      # AdamW weight decay (paper: 0)
     grad_clip: float = 1.0         # max global grad norm (paper: 1.0)
     lora_rank: int = 32            # student LoRA rank (paper: 128 on a much wider model); 0 = full fine-tune
@@ -76,7 +76,7 @@ class Config:
     eval_n: int = 128              # test examples per task for the final table (0 = skip)
     merged: bool = True            # also score the weight average of the teachers (weight-merging baseline)
     compare: str = ""              # extra rows in the table: LABEL=PATH,... (e.g. joint SFT from train.py)
-    name: str = "danceopd"         # results/<name>.md and results/<name>.json
+    name: str = "danceopd"         # results/danceopd/<name>.md and .json
     seed: int = 0                  # everything random is a function of (seed, step)
     device: str = "auto"           # auto | cpu | cuda
     compile: str = "auto"          # auto (= on for CUDA) | on | off
@@ -92,155 +92,13 @@ class Config:
 QUERY = {"beta": (5, 2), "median": (5, 5), "high": (2, 5), "uniform": (1, 1), "low": None, "curriculum": None}
 MODES, ROUTINGS = ("onpolicy", "offpolicy", "dense"), ("hard", "soft")
 
-# Per preset: how a missing base or expert is built (train.py options) and the distillation's steps, batch and lr.
-# small (and tiny, for tests): the README's CPU recipe. The base reads a pooled caption of 24 tokens and trains on
-# logit-normal times: 0.950 one-object success in 4,000 steps (0.695 with uniform times). 1,500-step experts
-# (local / global edit success 0.180 / 0.422) halve the time of 3,000, and the student scored as well (README).
-# base: the whole chain as run on one H100 in 25 min (README, "Results on one GPU": base t2i 0.992, edit teachers
-# 0.719 / 0.875; uniform times); 2,800 base steps had given 1.000 on every t2i column.
-CPU_RECIPE = dict(base=dict(steps=4000, batch_size=64, n_objects=1, pooled_text=True,
-                            text_len=world.ONE_OBJECT_TOKENS, t_sampling="logit_normal"),
-                  expert=dict(steps=1500, t_sampling="logit_normal"),
-                  distill=dict(steps=300, batch_size=16, lr=1e-3))
-RECIPES = dict(tiny=CPU_RECIPE, small=CPU_RECIPE,
-               base=dict(base=dict(steps=1800, batch_size=256, n_objects=0, lr=3e-4, warmup=300, pooled_text=True),
-                         expert=dict(steps=1000, batch_size=256, lr=3e-4, warmup=100),
-                         distill=dict(steps=400, batch_size=64, lr=3e-4)))
-ATTRIBUTES = ("shape", "color", "size", "cell", "line", "count", "horizon", "sky", "ground")  # scorer's per-attribute
-
-
-def check_config(cfg):
-    """One-line errors for bad input, before any work."""
-    tasks = cfg.tasks.split(",")
-    bad = [t for t in tasks if t not in data.TASKS]
-    problems = [f"unknown task {bad[0]!r} (tasks: {', '.join(data.TASKS)})" if bad else "",
-                f"--tasks has a task twice: {cfg.tasks}" if len(set(tasks)) < len(tasks) else "",
-                f"unknown preset {cfg.preset!r} (auto, {', '.join(PRESETS)})"
-                if cfg.preset not in ("auto", *PRESETS) else "",
-                f"--mode is one of {', '.join(MODES)}, not {cfg.mode!r}" if cfg.mode not in MODES else "",
-                f"--routing is hard or soft, not {cfg.routing!r}" if cfg.routing not in ROUTINGS else "",
-                f"--query is one of {', '.join(QUERY)}, not {cfg.query!r}" if cfg.query not in QUERY else "",
-                "--query_k and --rollout_steps must be >= 1" if min(cfg.query_k, cfg.rollout_steps) < 1 else "",
-                "--base_objects must be >= 0 (-1 = the preset's)" if cfg.base_objects < -1 else "",
-                "--batch_size, --steps, --lr, --base_steps, --base_batch and --expert_steps must be >= 0 (0 = the "
-                "preset's)" if min(cfg.batch_size, cfg.steps, cfg.lr, cfg.base_steps, cfg.base_batch,
-                                   cfg.expert_steps) < 0 else "",
-                "--lora_rank >= 0, --rollin in [0, 1]" if cfg.lora_rank < 0 or not 0 <= cfg.rollin <= 1 else ""]
-    problems += [f"--experts/--compare take LABEL=PATH,..., not {item!r}" for item in
-                 (cfg.experts + "," + cfg.compare).split(",") if item and not item.partition("=")[2]]
-    if any(problems):
-        raise SystemExit(next(p for p in problems if p))
-    return tasks
-
-
-def resolve(cfg):
-    """cfg with --preset=auto resolved (base on CUDA, small on the CPU), then options left at 0 from RECIPES."""
-    name = cfg.preset if cfg.preset != "auto" else "base" if wants_cuda(cfg.device) else "small"
-    recipe = RECIPES[name]
-    return dataclasses.replace(
-        cfg, preset=name, base_steps=cfg.base_steps or recipe["base"]["steps"],
-        base_batch=cfg.base_batch or recipe["base"]["batch_size"],
-        base_objects=recipe["base"]["n_objects"] if cfg.base_objects < 0 else cfg.base_objects,
-        expert_steps=cfg.expert_steps or recipe["expert"]["steps"], steps=cfg.steps or recipe["distill"]["steps"],
-        batch_size=cfg.batch_size or recipe["distill"]["batch_size"], lr=cfg.lr or recipe["distill"]["lr"])
-
-
-# ----------------------------------------------------------------------------- teachers and student
-def prerequisites(cfg, tasks):
-    """({task: teacher checkpoint} plus "base", the base's DiTConfig). Missing checkpoints are built with
-    train.py (RECIPES) and cached under out/; the experts take the base's model options (pooled_text)."""
-    root = os.path.join("out", cfg.preset)
-    named = dict(item.split("=", 1) for item in cfg.experts.split(",") if item)
-    paths = {"base": cfg.base or os.path.join(root, "base", "ckpt.pt")}
-    paths.update({t: paths["base"] if t == "t2i" else named.get(t, os.path.join(root, t, "ckpt.pt")) for t in tasks})
-    common = dict(preset=cfg.preset, seed=cfg.seed, device=cfg.device, compile=cfg.compile, quiet=cfg.quiet,
-                  eval_n=0)
-    recipe = RECIPES[cfg.preset]
-    build_if_missing(paths["base"], "the base model (the T2I teacher)", dict(
-        {**common, **recipe["base"]}, steps=cfg.base_steps, task="t2i", batch_size=cfg.base_batch,
-        n_objects=cfg.base_objects, grid_rate=0.0,
-        text_len=recipe["base"].get("text_len", 0) if cfg.base_objects == 1 else 0))  # longer captions need 48
-    mcfg = base_model_config(cfg, peek(paths["base"]), paths["base"])
-    for task in [t for t in tasks if t != "t2i"]:
-        build_if_missing(paths[task], f"the {task} expert (SFT from the base)", dict(
-            {**common, **recipe["expert"]}, steps=cfg.expert_steps, task=task,
-            init_from=paths["base"], pooled_text=mcfg.pooled_text, text_len=mcfg.max_text_len))
-    return paths, mcfg
-
-
-def peek(path):
-    """A checkpoint's plain entries (step, config, model_config) without reading its tensors (mmap)."""
-    return load_checkpoint(path, mmap=True)
-
-
-def build_if_missing(path, what, options):
-    """Train `path` with train.py `options` unless it exists (then only note a different step count)."""
-    if os.path.exists(path):
-        made = peek(path).get("step")
-        if made is not None and made != options["steps"]:  # e.g. a teacher cached under an older default
-            print(f"note: using cached {path}, trained {made} steps (this run would build {options['steps']})")
-        return
-    if os.path.basename(path) != "ckpt.pt":
-        raise SystemExit(f"missing checkpoint {path}: only a .../ckpt.pt can be built")
-    print(f"building {what}: {path}, {options['steps']} steps")
-    train_sft(TrainConfig(out=os.path.dirname(path), **options))
-
-
-def base_model_config(cfg, base_ckpt, path):
-    """The base's own DiTConfig (model options such as pooled_text and the text length come with it); its preset
-    fields must be --preset's. The teachers and the student all take this config."""
-    mcfg = DiTConfig(**base_ckpt["model_config"])
-    want = preset(cfg.preset, vocab_size=len(world.VOCAB))
-    fields = [*PRESETS[cfg.preset], "vocab_size"]
-    diff = {k: (getattr(want, k), getattr(mcfg, k)) for k in fields if getattr(want, k) != getattr(mcfg, k)}
-    if diff:
-        raise SystemExit(f"{path} is not a --preset={cfg.preset} model (wanted, found): {diff}")
-    return mcfg
-
-
-def load_teacher(path, mcfg, task, device):
-    """A frozen teacher field: the checkpoint's EMA weights, eval(), requires_grad_(False)."""
-    ckpt = load_checkpoint(path, mcfg)
-    if task not in ckpt.get("tasks", []):
-        raise SystemExit(f"{path} was trained for {', '.join(ckpt.get('tasks', []))}, so it cannot teach {task}")
-    teacher = DiT(mcfg)
-    teacher.load_state_dict(ckpt["ema"])
-    return teacher.to(device).eval().requires_grad_(False)
-
-
-# Kept fully trainable beside the LoRA: the T2I base never trained its source-image input (cond_embedder, zero at
-# init) nor the edit tasks' embeddings, so with LoRA alone the student could not even see what it is asked to edit.
-STUDENT_TRAINABLE = ("cond_embedder", "task_embedder")
-
-
-def make_student(base_state, mcfg, lora_rank, lora_scale, device):
-    """The base weights + LoRA on every block's Linear layers, plus the condition input and task embeddings
-    (STUDENT_TRAINABLE); everything else frozen. lora_rank 0 = full fine-tune."""
-    student = DiT(mcfg)
-    student.load_state_dict(base_state)
-    if lora_rank:
-        add_lora(student, lora_rank, lora_scale, trainable=STUDENT_TRAINABLE)
-    return student.to(device).train()
-
-
-def merge_weights(state_dicts):
-    """The weight-merging baseline: the plain average of the teachers' weights (all fine-tuned from one base)."""
-    return {k: torch.stack([sd[k].float() for sd in state_dicts]).mean(0).to(state_dicts[0][k].dtype)
-            for k in state_dicts[0]}
-
-
-def merged_student(student):
-    """A plain DiT with every LoRA folded in: a standard checkpoint for train.load_model and evaluate.py."""
-    return merge_lora(copy.deepcopy(student)).eval()
-
-
 # ----------------------------------------------------------------------------- the method
-def get_batch(cfg, tasks, step, res, device, text_len=world.MAX_TOKENS):
-    """Step 1-2, hard routing: one task per step, uniform, drawn from (seed, step); the batch is its bucket."""
+def get_batch(cfg, tasks, step, res, device, text_len=world.MAX_TOKENS, n_objects=None):
+    """Step 1-2, hard routing: one task per step, uniform, drawn from (seed, step); the batch is its bucket.
+    text_len: the models' caption length; n_objects: the T2I teacher's scenes (edits: unaffected)."""
     route = tasks[int(torch.randint(len(tasks), (1,), generator=step_generator(cfg.seed, step, salt=1)))]
     return data.make_batch(route, cfg.batch_size, res, device, seed=cfg.seed * 1_000_003 + step,
-                           n_objects=cfg.base_objects or None,  # the teacher's T2I world (edits: unaffected)
-                           text_len=text_len)                   # the models' caption length
+                           n_objects=n_objects, text_len=text_len)
 
 
 def query_index(gen, shape, n, position="beta", progress=0.0):
@@ -312,7 +170,69 @@ def field_errors(student, teacher, batch, noise, steps=16, cfg_alpha=1.0):
                         for i, x in enumerate(states)])
 
 
+# ----------------------------------------------------------------------------- the student and the baselines
+# Kept fully trainable beside the LoRA: the T2I base never trained its source-image input (cond_embedder, zero at
+# init) nor the edit tasks' embeddings, so with LoRA alone the student could not even see what it is asked to edit.
+STUDENT_TRAINABLE = ("cond_embedder", "task_embedder")
+
+
+def make_student(base_state, mcfg, lora_rank, lora_scale, device):
+    """The base weights + LoRA on every block's Linear layers, plus the condition input and task embeddings
+    (STUDENT_TRAINABLE); everything else frozen. lora_rank 0 = full fine-tune."""
+    student = DiT(mcfg)
+    student.load_state_dict(base_state)
+    if lora_rank:
+        add_lora(student, lora_rank, lora_scale, trainable=STUDENT_TRAINABLE)
+    return student.to(device).train()
+
+
+def merge_weights(state_dicts):
+    """The weight-merging baseline: the plain average of the teachers' weights (all fine-tuned from one base)."""
+    return {k: torch.stack([sd[k].float() for sd in state_dicts]).mean(0).to(state_dicts[0][k].dtype)
+            for k in state_dicts[0]}
+
+
+
 # ----------------------------------------------------------------------------- the run
+# Distillation steps, batch and learning rate when left at 0, per preset: small (and tiny, for tests) the CPU run,
+# base the one-GPU run (docs/danceopd.md). The base and the experts come from train.RECIPES.
+DEFAULTS = dict(tiny=dict(steps=300, batch_size=16, lr=1e-3), small=dict(steps=300, batch_size=16, lr=1e-3),
+                base=dict(steps=400, batch_size=64, lr=3e-4))
+ATTRIBUTES = ("shape", "color", "size", "cell", "line", "count", "horizon", "sky", "ground")  # scorer's per-attribute
+
+
+def check_config(cfg):
+    """One-line errors for bad input, before any work."""
+    tasks = cfg.tasks.split(",")
+    bad = [t for t in tasks if t not in data.TASKS]
+    problems = [f"unknown task {bad[0]!r} (tasks: {', '.join(data.TASKS)})" if bad else "",
+                f"--tasks has a task twice: {cfg.tasks}" if len(set(tasks)) < len(tasks) else "",
+                f"unknown preset {cfg.preset!r} (auto, {', '.join(PRESETS)})"
+                if cfg.preset not in ("auto", *PRESETS) else "",
+                f"--mode is one of {', '.join(MODES)}, not {cfg.mode!r}" if cfg.mode not in MODES else "",
+                f"--routing is hard or soft, not {cfg.routing!r}" if cfg.routing not in ROUTINGS else "",
+                f"--query is one of {', '.join(QUERY)}, not {cfg.query!r}" if cfg.query not in QUERY else "",
+                "--query_k and --rollout_steps must be >= 1" if min(cfg.query_k, cfg.rollout_steps) < 1 else "",
+                "--batch_size, --steps and --lr must be >= 0 (0 = the preset's)"
+                if min(cfg.batch_size, cfg.steps, cfg.lr) < 0 else "",
+                "--lora_rank >= 0, --rollin in [0, 1]" if cfg.lora_rank < 0 or not 0 <= cfg.rollin <= 1 else ""]
+    check_name(f"danceopd/{cfg.name}")
+    problems += [f"--experts/--compare take LABEL=PATH,..., not {item!r}" for item in
+                 (cfg.experts + "," + cfg.compare).split(",") if item and not item.partition("=")[2]]
+    if any(problems):
+        raise SystemExit(next(p for p in problems if p))
+    return tasks
+
+
+def resolve(cfg):
+    """cfg with --preset=auto resolved (base on CUDA, small on the CPU), then options left at 0 or "" filled in."""
+    name = cfg.preset if cfg.preset != "auto" else "base" if wants_cuda(cfg.device) else "small"
+    d = DEFAULTS[name]
+    return dataclasses.replace(cfg, preset=name, out=cfg.out or os.path.join("out", name, "danceopd"),
+                               steps=cfg.steps or d["steps"], batch_size=cfg.batch_size or d["batch_size"],
+                               lr=cfg.lr or d["lr"])
+
+
 def train(cfg):
     tasks = check_config(cfg)
     cfg = resolve(cfg)
@@ -324,8 +244,12 @@ def train(cfg):
         raise SystemExit(f"{ckpt_path} is not a --preset={cfg.preset} run of this script")
     if not cfg.resume and os.path.exists(ckpt_path):
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-    paths, mcfg = prerequisites(cfg, tasks)
-    base_ckpt = load_checkpoint(paths["base"], mcfg)
+    run = dict(device=cfg.device, compile=cfg.compile, quiet=cfg.quiet)
+    base = prerequisite(cfg.preset, "base", cfg.base, **run)
+    mcfg = preset_model_config(base, cfg.preset)  # the teachers and the student take the base's model config
+    named = dict(item.split("=", 1) for item in cfg.experts.split(",") if item)
+    paths = {t: base if t == "t2i" else prerequisite(cfg.preset, t, named.get(t, ""), base, **run) for t in tasks}
+    base_ckpt, n_objects = load_checkpoint(base, mcfg), scene_objects(base)
     teachers = {task: load_teacher(paths[task], mcfg, task, env.device) for task in tasks}
     torch.manual_seed(cfg.seed)  # the LoRA init; everything later draws from step_generator
     init = load_checkpoint(cfg.init, mcfg)["ema"] if cfg.init else base_ckpt["ema"]
@@ -344,12 +268,12 @@ def train(cfg):
     fields = {k: torch.compile(m) if env.compile else m for k, m in teachers.items()}
     res, n_probe = mcfg.image_size, min(16, cfg.batch_size)
     probes = {task: (data.make_batch(task, n_probe, res, env.device, seed=10_000, split="test",
-                                     n_objects=cfg.base_objects or None, text_len=mcfg.max_text_len),
+                                     n_objects=n_objects, text_len=mcfg.max_text_len),
                      torch.randn(n_probe, 3, res, res, generator=torch.Generator().manual_seed(10_000)).to(env.device))
               for task in tasks}  # fixed conditions and noise for the field error in the log
 
     def save(step):  # model = ema = the merged student (a standard checkpoint); student + opt for --resume
-        merged = merged_student(student).state_dict()
+        merged = merged_copy(student).state_dict()
         save_checkpoint(ckpt_path, model=merged, ema=merged, student=student.state_dict(), opt=opt.state_dict(),
                         step=step, tasks=sorted(set(base_ckpt.get("tasks", [])) | set(tasks)),
                         config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg))
@@ -364,7 +288,7 @@ def train(cfg):
     for step in bar:
         if step > start and step % cfg.ckpt_every == 0:                           # checkpoint
             save(step)
-        batch = get_batch(cfg, tasks, step, res, env.device, mcfg.max_text_len)   # hard routing picks the bucket
+        batch = get_batch(cfg, tasks, step, res, env.device, mcfg.max_text_len, n_objects)  # routing: the bucket
         # forward under ctx (rollout without grad inside), backward, clip, step
         with env.ctx:
             loss, logs = distill_loss(train_student, fields, batch, cfg, step_generator(cfg.seed, step),
@@ -385,7 +309,8 @@ def train(cfg):
             log.write(json.dumps(row) + "\n"), log.flush()
     save(end)
     if end == cfg.steps and cfg.eval_n:
-        results = evaluate_all(cfg, tasks, merged_student(student), teachers, paths, env.device)
+        results = evaluate_all(cfg, tasks, merged_copy(student), teachers, dict(paths, base=base), n_objects,
+                               env.device)
         log.write(json.dumps(dict(step=cfg.steps, eval=results)) + "\n")
     log.close()
     return ckpt_path
@@ -393,10 +318,9 @@ def train(cfg):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_all(cfg, tasks, student, teachers, paths, device):
+def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
     """Score the student, every teacher, the merged teachers and --compare checkpoints on every task (same
-    seeds, exact scorer); print and write results/<name>.md and .json. Returns {label: {task: metrics}}."""
-    from evaluate import evaluate_task  # imported here: evaluate.py builds on train.py, as this file does
+    seeds, exact scorer); print and write results/danceopd/<name>.md and .json. Returns {label: {task: metrics}}."""
     models = {cfg.name: (student, 1.0)}  # label -> (model, CFG scale); teachers at the alpha they taught with
     for task, teacher in teachers.items():
         models.setdefault("base (t2i teacher)" if task == "t2i" else f"{task} teacher", (teacher, cfg.cfg_alpha))
@@ -409,7 +333,7 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
         models[label] = (load_model(path, device)[0], 1.0)
     res, results = student.config.image_size, {}
     for label, (model, scale) in tqdm(models.items(), desc="evaluate", disable=cfg.quiet):
-        results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, n_objects=cfg.base_objects or None,
+        results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, n_objects=n_objects,
                                            steps=cfg.rollout_steps, cfg_scale=scale) for t in tasks}
         for r in results[label].values():  # a graded companion to the all-or-nothing success
             r["attributes"] = sum(r[k] for k in ATTRIBUTES if k in r) / sum(k in r for k in ATTRIBUTES)
@@ -417,19 +341,14 @@ def evaluate_all(cfg, tasks, student, teachers, paths, device):
                                      for k in ("success", "attributes")}
     columns = tasks + ["average"]
     lines = [f"Exact-scorer success / mean attribute accuracy of the DanceOPD student and its references, {cfg.eval_n} "
-             f"test examples per task, {cfg.rollout_steps} Euler steps, t2i scenes of {cfg.base_objects or '1-3'} "
+             f"test examples per task, {cfg.rollout_steps} Euler steps, t2i scenes of {n_objects or '1-3'} "
              f"object(s); student unguided, teachers at CFG {cfg.cfg_alpha}. Student: {cfg.mode}, {cfg.routing} "
              f"routing, query {cfg.query} K={cfg.query_k}, {cfg.steps} steps. Command: `python distill_onpolicy.py "
              f"{command_args(cfg)}`", "",
              "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {label} | " + " | ".join(f"{r[c]['success']:.3f} / {r[c]['attributes']:.3f}" for c in columns) + " |"
               for label, r in results.items()]
-    os.makedirs("results", exist_ok=True)
-    with open(f"results/{cfg.name}.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(f"results/{cfg.name}.json", "w") as f:
-        json.dump(dict(config=dataclasses.asdict(cfg), teachers=paths, results=results), f, indent=1)
-    print("\n".join(lines) + f"\nwrote results/{cfg.name}.md and results/{cfg.name}.json")
+    write_results(f"danceopd/{cfg.name}", lines, dict(config=dataclasses.asdict(cfg), teachers=paths, results=results))
     return results
 
 

@@ -19,8 +19,8 @@ import torch
 import data
 import scorer
 import world
+from common import load_model, model_inputs, parse_config, wants_cuda
 from sample import euler, rollout, x0_from_v
-from train import load_model, model_inputs, parse_config
 
 
 @dataclass
@@ -165,19 +165,38 @@ def source_lines(label, task, r):
          for who in r]
 
 
+# ----------------------------------------------------------------------------- results tables
+def check_name(name):
+    """A results name is a file name, optionally in one topic folder ("danceopd/ablation"): no path tricks."""
+    parts = name.split("/")
+    if not name or len(parts) > 2 or any(not p or p.startswith(".") or "\\" in p for p in parts):
+        raise SystemExit(f"--name={name!r} must be a file name or TOPIC/NAME: results go to results/<name>.md and "
+                         ".json")
+
+
+def write_results(name, lines, payload):
+    """Print a table and write it to results/<name>.md, with `payload` as results/<name>.json (each atomically)."""
+    check_name(name)
+    path = os.path.join("results", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for ext, text in ((".md", "\n".join(lines) + "\n"), (".json", json.dumps(payload, indent=1))):
+        with open(path + ext + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ext + ".tmp", path + ext)
+    print("\n".join(lines) + f"\nwrote {path}.md and {path}.json")
+
+
 HEADLINE = {"psnr_outside": "PSNR out", "seam_error": "seam", "concept_debiased": "CP debiased",
             "prompt": "PF"}  # extra columns next to success
 
 
 def main(cfg):
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if cfg.device == "auto" else cfg.device)
+    device = "cuda" if wants_cuda(cfg.device) else "cpu"
     tasks = cfg.tasks.split(",")
     bad = [t for t in tasks if t not in data.TASKS]
     if bad or not cfg.ckpts:
         raise SystemExit(f"unknown task {bad[0]!r}" if bad else "--ckpts=PATH[,PATH...] is required")
-    if not cfg.name or os.sep in cfg.name or cfg.name.startswith("."):
-        raise SystemExit(f"--name={cfg.name!r} must be a plain file name: results go to results/<name>.md and .json")
+    check_name(cfg.name)
     results, probes, handovers, sources = {}, {}, {}, {}
     teachers = dict(item.split("=", 1) for item in cfg.teachers.split(",")) if cfg.teachers else {}
     if any(t not in data.TASKS for t in teachers) or any(not p for p in teachers.values()):
@@ -234,16 +253,9 @@ def main(cfg):
         lines += handover_lines(label, task, h, cfg.steps)
     for (label, task), r in sources.items():
         lines += source_lines(label, task, r)
-    os.makedirs("results", exist_ok=True)
-    with open(f"results/{cfg.name}.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(f"results/{cfg.name}.json", "w") as f:
-        json.dump(dict(config=vars(cfg), results=results, **({"shape_probe": probes} if probes else {}),
-                       **({"handover": {f"{l} {t}": h for (l, t), h in handovers.items()}} if handovers else {}),
-                       **({"source_probe": {f"{l} {t}": r for (l, t), r in sources.items()}} if sources else {})),
-                  f, indent=1)
-    print("\n".join(lines))
-    print(f"wrote results/{cfg.name}.md and results/{cfg.name}.json")
+    write_results(cfg.name, lines, dict(config=vars(cfg), results=results, **({"shape_probe": probes} if probes else {}),
+                  **({"handover": {f"{l} {t}": h for (l, t), h in handovers.items()}} if handovers else {}),
+                  **({"source_probe": {f"{l} {t}": r for (l, t), r in sources.items()}} if sources else {})))
     return results
 
 

@@ -26,8 +26,8 @@ import world
 import scorer
 from rewards import (Aesthetic, Alignment, aesthetic_batch, alignment_batch, alignment_loss, bt_loss, load_reward,
                      pairwise_accuracy, pairwise_by_change, preference_pairs, retrieval_accuracy)
+from common import load_model, model_inputs, parse_config, save_checkpoint, setup
 from sample import euler
-from train import load_model, model_inputs, parse_config, save_checkpoint, setup
 from vlm import Judge, build_vlm, load_judge  # the VLM itself lives in vlm.py; judges.Judge etc. stay valid
 
 
@@ -64,10 +64,10 @@ class Config:
     grad_clip: float = 1.0         # max global grad norm
     eval_n: int = 200              # held-out examples per VLM family / retrieval images / aesthetic pairs
     agreement_ckpt: str = ""       # a generator checkpoint: measure VLM vs exact-parser agreement on its samples
-    results: str = "results"       # where judges.json and judges.png go
+    results: str = "results/judges"  # where judges.json and judges.png go
     seed: int = 0                  # data and initial weights
     device: str = "auto"           # auto | cpu | cuda
-    compile: str = "off"           # read by train.setup; the judges run eagerly
+    compile: str = "off"           # read by common.setup; the judges run eagerly
     quiet: bool = False            # no progress bars
 
 
@@ -353,10 +353,28 @@ def train_judge(cfg, env, kind, path):
     return model
 
 
+# The recipe of the shared judges is Config's defaults: what `prerequisite` builds and caches under out/judges/<preset>/
+# for the method scripts, and what that cache may hold (docs/judges.md has the measurements behind it).
+RECIPE_FIELDS = ("res", "families", "vlm_tower_steps", "vlm_tower_lr", "vlm_tower_frozen", "vlm_caption_steps",
+                 "vlm_vqa_steps", "statement_weight", "vlm_rehearsal", "vlm_batch", "vlm_family_batch", "vlm_lr",
+                 "reward_steps", "reward_batch", "align_captions", "align_steps", "align_tower_steps", "align_pool",
+                 "align_scene_code", "reward_lr", "warmup", "grad_clip", "seed")
+
+
+def judge_path(cfg, kind):
+    """Where judge `kind` is cached: --out, or out/judges/<preset>/ (the shared cache, the recipe's judges only)."""
+    if not cfg.out:
+        changed = [k for k in RECIPE_FIELDS if getattr(cfg, k) != getattr(Config(), k)]
+        if changed:
+            raise SystemExit(f"--{changed[0]} differs from the recipe of the shared judges in out/judges/{cfg.preset}: "
+                             "pass --out=DIR for this judge")
+    return os.path.join(cfg.out or f"out/judges/{cfg.preset}", "vlm" if kind == "vlm" else f"{kind}.pt")
+
+
 def get_judge(cfg, kind, env=None):
-    """The judge `kind` (vlm | alignment | aesthetic) cached under cfg.out, trained first if missing; frozen."""
+    """The judge `kind` (vlm | alignment | aesthetic) cached at judge_path, trained first if missing; frozen."""
     env = env or setup(cfg)
-    path = os.path.join(cfg.out or f"out/judges/{cfg.preset}", "vlm" if kind == "vlm" else f"{kind}.pt")
+    path = judge_path(cfg, kind)
     if os.path.exists(path) and not cfg.retrain:
         judge = load_judge(path, env.device) if kind == "vlm" else load_reward(path, env.device)
         if kind == "alignment" and judge.pool != cfg.align_pool:
@@ -364,6 +382,18 @@ def get_judge(cfg, kind, env=None):
                              f"--align_pool={cfg.align_pool}: pass --retrain, or another --out")
         return judge
     return train_judge(cfg, env, kind, path)
+
+
+def prerequisite(kind, preset="small", path="", device="auto", quiet=False):
+    """A frozen judge for a method script: the one at `path` (it must exist: a path the user named is never
+    trained), else the shared recipe's under out/judges/<preset>/, trained now if missing."""
+    if path:
+        if not os.path.exists(path):
+            raise SystemExit(f"missing judge: {path} (leave the option out to use, or train, the {preset} recipe's "
+                             f"{kind})")
+        device = setup(Config(device=device)).device
+        return load_judge(path, device) if kind == "vlm" else load_reward(path, device)
+    return get_judge(Config(preset=preset, device=device, quiet=quiet), kind)
 
 
 def main(cfg):
@@ -374,6 +404,8 @@ def main(cfg):
         raise SystemExit(f"unknown judge or family {bad[0]!r}: --what from vlm,alignment,aesthetic, "
                          f"--families from {','.join(data.FAMILIES)}")
     family_batch(cfg)  # a bad --vlm_family_batch fails here, not after the first phases
+    for kind in what:
+        judge_path(cfg, kind)  # a recipe change with no --out fails here, before any training
     if cfg.align_pool not in ("mean", "token"):
         raise SystemExit(f"unknown --align_pool {cfg.align_pool!r} (mean, token)")
     os.makedirs(cfg.results, exist_ok=True)

@@ -22,6 +22,7 @@ with adaLN-Zero blocks, run over one joint sequence
 The model predicts the velocity v = eps - x0 of x_t = (1 - t) x0 + t eps (t=0 data, t=1 noise; METHODS.md).
 No training code lives here. Quick check: python -m pytest -q tests/test_model.py
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -359,6 +360,12 @@ def merge_lora(model: nn.Module):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, module.base)
     return model
+
+
+def merged_copy(model: nn.Module):
+    """A plain DiT equal to `model` with every LoRA folded in (the model itself is left as it is), in eval mode: a
+    standard state dict, for checkpoints that any script can load, and one matmul per layer at inference."""
+    return merge_lora(copy.deepcopy(model)).eval()
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

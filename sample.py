@@ -25,6 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+import data
+import world
+from common import load_model, model_inputs, parse_config, wants_cuda
+
 
 def interpolate(x0, eps, t):
     """x_t = (1 - t) x0 + t eps for t (B,) or a scalar."""
@@ -109,16 +113,25 @@ class Config:
     device: str = "auto"           # auto | cpu | cuda
 
 
+def condition(cfg, res, device):
+    """The model inputs of the CLI's request, built by data.collate exactly as a training batch of the task is: the
+    edit source as the pixel-aligned condition, the image to fill masked by --mask beside the mask, the customisation
+    reference as tokens. Returns (model inputs for cfg.n samples, the condition image or None)."""
+    image = world.load_image(cfg.image, res) if cfg.image else None
+    example = dict(task=cfg.task, text=cfg.prompt, target=torch.zeros(3, res, res))
+    if cfg.task in ("inpaint", "outpaint"):
+        example.update(target=image, mask=world.load_image(cfg.mask, res, mask=True))
+    elif image is not None:
+        example["source_image"] = image
+    return model_inputs(data.collate([example] * cfg.n, device)), image
+
+
 def main(cfg):
-    import data
-    import world
-    from train import load_model  # imported here: train.py imports this file's ODE
     if cfg.task not in data.TASKS:
         raise SystemExit(f"unknown task {cfg.task!r}: one of {', '.join(data.TASKS)}")
     if not cfg.ckpt or not cfg.prompt:
         raise SystemExit("--ckpt=PATH and --prompt=TEXT are required")
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if cfg.device == "auto" else cfg.device)
+    device = "cuda" if wants_cuda(cfg.device) else "cpu"
     model, ckpt = load_model(cfg.ckpt, device)
     if cfg.task not in ckpt.get("tasks", []):
         raise SystemExit(f"{cfg.ckpt} was trained for {', '.join(ckpt.get('tasks', []))}, not {cfg.task}")
@@ -128,26 +141,16 @@ def main(cfg):
     if missing:
         raise SystemExit(f"--task={cfg.task} needs --{missing[0]}=PATH")
     try:
-        tokens = world.tokenize([cfg.prompt]).to(device).expand(cfg.n, -1)
-        image = world.load_image(cfg.image, res).to(device)[None].expand(cfg.n, -1, -1, -1) if cfg.image else None
-        mask = world.load_image(cfg.mask, res, mask=True).to(device)[None].expand(cfg.n, -1, -1, -1) \
-            if cfg.mask else None
+        inputs, image = condition(cfg, res, device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
-    cond = dict(task=torch.full((cfg.n,), data.TASKS.index(cfg.task), device=device), tokens=tokens, cond=None,
-                ref=image if cfg.task == "customize" else None)
-    if cfg.task in ("local_edit", "global_edit"):
-        cond["cond"] = torch.cat([image, torch.zeros_like(image[:, :1])], 1)
-    elif mask is not None:
-        cond["cond"] = torch.cat([image * (1 - mask), mask], 1)
     noise = torch.randn(cfg.n, 3, res, res, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    x = euler(model, noise, cond, cfg.steps, cfg.cfg_scale, cfg.shift).clamp(-1, 1)
-    row = ([image[0]] if image is not None else []) + list(x)
+    x = euler(model, noise, inputs, cfg.steps, cfg.cfg_scale, cfg.shift).clamp(-1, 1)
+    row = ([image.to(device)] if image is not None else []) + list(x)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     world.to_pil(torch.cat(row, 2)).save(cfg.out)
     print(f"wrote {cfg.out}: {'condition, ' if image is not None else ''}{cfg.n} samples of {cfg.task}")
 
 
 if __name__ == "__main__":
-    from train import parse_config
     main(parse_config(Config()))

@@ -8,9 +8,12 @@ mass, so the measurements are tolerant to the blurry, noisy images a generator m
 batch)` gives each task's metrics: attribute accuracy (GenEval-like) for t2i; edit success and PSNR outside the
 edit for local edits; success of the global edit with structure kept; content accuracy, seam error and PSNR
 outside the hole for in/outpainting; concept preservation, prompt following and de-biased preservation for
-customisation. Its own accuracy on clean, degraded and wrong-spec renders: `python data.py`.
+customisation. Its own accuracy on clean, degraded and wrong-spec renders: `python scorer.py` (results/world/scorer.json).
 """
 import itertools
+import json
+import os
+import sys
 
 import numpy as np
 import torch
@@ -312,3 +315,13 @@ def accuracy_report(n=200, resolutions=(32, 64)):
         rows[f"{res}px wrong specs"] = dict(one_attribute_changed_pass=float(one_off), other_scene_pass=float(other))
         print(f"{res}px wrong specs pass: one attribute changed {one_off:.3f}, another scene {other:.3f}")
     return rows
+
+
+if __name__ == "__main__":
+    if sys.argv[1:]:
+        raise SystemExit(f"scorer.py takes no arguments (got {' '.join(sys.argv[1:])})")
+    report = accuracy_report()
+    os.makedirs("results/world", exist_ok=True)
+    with open("results/world/scorer.json", "w") as f:
+        json.dump(report, f, indent=1)
+    print("wrote results/world/scorer.json")

@@ -1,6 +1,6 @@
-"""Flow-matching training of the base model and the expert teachers, and the plumbing every script shares.
+"""Flow-matching training of the base model, the expert teachers and the joint model; the shared models' recipes.
 
-    python train.py --task=t2i                                          # the base text-to-image model
+    python train.py --task=t2i                                          # a text-to-image model from scratch
     python train.py --task=local_edit --init_from=out/base/ckpt.pt      # an expert teacher (SFT on one task)
     python train.py --task=joint                                        # one model on the union of tasks
     torchrun --nproc_per_node=2 train.py --task=t2i                     # several processes (PyTorch DDP)
@@ -9,18 +9,13 @@ Rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2023; SD3, Esser 
 the target x_t = (1 - t) x0 + t eps, regress the model's velocity on eps - x0 (MSE). Captions are dropped
 with probability `cond_drop` so classifier-free guidance works at sampling time (Ho & Salimans 2022).
 
-Shared plumbing, in one place for all method scripts: `parse_config` (typed --key=value, unknown keys are
-errors), `setup` (device, DDP, bf16 autocast + torch.compile on CUDA, fp32 eager on CPU), `ema_update`,
-`save_checkpoint` (atomic) / `load_checkpoint` (config checked), `model_inputs` (batch -> model kwargs).
-Every step's data, noise and t are a pure function of (seed, step), so a resumed run is bitwise the
-uninterrupted one and a DDP run sees exactly the global batch of a one-process run.
+The shared models every method script starts from (the base, one expert per task) have one recipe per preset
+(`RECIPES`) and one home under out/<preset>/; `prerequisite` returns a cached one or builds it with this file's
+`train`, so two scripts can never build two different out/<preset>/base/ckpt.pt (docs/base.md: why this recipe).
 """
-import contextlib
 import dataclasses
 import json
-import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -31,7 +26,10 @@ from tqdm import tqdm
 
 import data
 import world
-from model import DiT, DiTConfig, preset
+from common import (cosine_lr, ema_update, load_checkpoint, model_inputs, parse_config, peek, save_checkpoint,
+                    setup, step_generator)
+from evaluate import evaluate_task
+from model import PRESETS, DiT, DiTConfig, preset
 from sample import euler, interpolate, velocity_target
 
 
@@ -69,116 +67,6 @@ class Config:
     compile: str = "auto"          # auto (= on for CUDA) | on | off
     precision: str = "auto"        # auto (= bf16 autocast on CUDA, fp32 on the CPU) | fp32
     quiet: bool = False            # no progress bar
-
-
-# ----------------------------------------------------------------------------- shared plumbing
-def parse_config(cfg, argv=None):
-    """Apply --key=value overrides to a dataclass config, with the field's type; unknown keys are errors."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in fields:
-            raise SystemExit(f"unknown option {arg!r}; options: " + " ".join(f"--{k}" for k in fields))
-        kind = type(getattr(cfg, key))
-        if kind is bool:
-            if value.lower() not in ("", "1", "true", "0", "false"):
-                raise SystemExit(f"--{key} takes true or false, not {value!r}")
-            value = value.lower() in ("", "1", "true")
-        else:
-            try:
-                value = kind(value)
-            except ValueError:
-                raise SystemExit(f"--{key} takes a {kind.__name__}, not {value!r}") from None
-        setattr(cfg, key, value)
-    return cfg
-
-
-@dataclass
-class Env:
-    device: torch.device
-    ctx: contextlib.AbstractContextManager  # mixed precision around forward + loss only
-    compile: bool
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-
-def wants_cuda(device):
-    """--device=auto | cpu | cuda -> whether this run goes to CUDA."""
-    return torch.cuda.is_available() if device == "auto" else device == "cuda"
-
-
-def setup(cfg):
-    """Device, DDP (from torchrun's environment), precision context and compile flag."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = wants_cuda(cfg.device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    precision = getattr(cfg, "precision", "auto")  # only train.py has the option; the other scripts use auto
-    if precision not in ("auto", "fp32"):
-        raise SystemExit(f"--precision takes auto or fp32, not {precision!r}")
-    fast = cuda and precision == "auto"  # bf16 autocast and TF32 matmuls; --precision=fp32 is strict fp32
-    if not cuda:  # late in training, subnormal floats (softmax tails, their grads) made CPU steps 2x slower
-        torch.set_flush_denormal(True)  # measured on the trained alignment model: 0.49 -> 0.26 s per step
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if fast else contextlib.nullcontext()
-    return Env(device, ctx, cfg.compile == "on" or (cfg.compile == "auto" and cuda), rank, world)
-
-
-def step_generator(seed, step, salt=0):
-    """The random stream of one step: identical for a resumed run and across DDP processes."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + salt) % 2**63)
-
-
-def model_inputs(batch):
-    """A data.Batch -> the model's keyword arguments."""
-    task = torch.full((len(batch.text),), data.TASKS.index(batch.task), device=batch.target.device)
-    return dict(task=task, tokens=batch.tokens, cond=batch.cond, ref=batch.ref)
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
-
-
-def save_checkpoint(path, **state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path, model_config=None, mmap=False):
-    """Load a checkpoint (tensors and plain types only). If `model_config` is given it must match. mmap: the
-    tensors are read only when used (to look at step and config)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"missing checkpoint: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise SystemExit(f"{path} is not a checkpoint of this project ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "ema" not in ckpt:
-        raise SystemExit(f"{path} is not a checkpoint of this project (no model_config / ema)")
-    if model_config is not None and ckpt["model_config"] != dataclasses.asdict(model_config):
-        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in dataclasses.asdict(model_config).items()
-                if ckpt["model_config"].get(k) != v}
-        raise SystemExit(f"{path} was trained with another model config (wanted, found): {diff}")
-    return ckpt
-
-
-def load_model(path, device="cpu", weights="ema"):
-    """Rebuild any checkpoint's model (its config is stored with it); EMA weights by default."""
-    ckpt = load_checkpoint(path)
-    model = DiT(DiTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt[weights])
-    return model.to(device).eval(), ckpt
 
 
 # ----------------------------------------------------------------------------- the method
@@ -270,8 +158,7 @@ def train(cfg):
             model, device_ids=[env.device] if cuda else None, find_unused_parameters=True)
     if env.compile:
         train_model = torch.compile(train_model)
-    lr_at = lambda s: cfg.lr * min(1, (s + 1) / cfg.warmup) * (
-        cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1, s / cfg.steps))))
+    lr_at = lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr)
     res = mcfg.image_size
     os.makedirs(cfg.out, exist_ok=True)
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if env.master else None
@@ -317,7 +204,6 @@ def train(cfg):
         save_samples(ema, tasks, res, env.device, os.path.join(cfg.out, "samples.png"), cfg.sample_steps,
                      cfg.cfg_scale, n_objects=cfg.n_objects or None)
         if cfg.eval_n:
-            from evaluate import evaluate_task  # imported here: evaluate.py builds on this file
             scores = {task: evaluate_task(ema, task, cfg.eval_n, res, env.device, n_objects=cfg.n_objects or None,
                                           steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale) for task in tasks}
             log.write(json.dumps(dict(step=cfg.steps, eval=scores)) + "\n")
@@ -329,6 +215,79 @@ def train(cfg):
         dist.barrier()  # tear down together: a rank that leaves while rank 0 still saves can abort in gloo
         dist.destroy_process_group()
     return ckpt_path
+
+
+# ----------------------------------------------------------------------------- the shared models
+# One recipe per preset for each shared model: train.py options over Config's defaults (docs/base.md has the
+# measurements behind them). small, the CPU recipe: a base that reads a pooled caption of 24 tokens, one object per
+# scene, logit-normal times, 4,000 steps (0.950 one-object success); 1,500-step experts fine-tuned from it.
+# base, the one-GPU recipe: 1-3 objects, full captions, 1,800 steps at batch 256; 1,000-step experts.
+# tiny: the small recipe's shape in a few steps, for the tests.
+CPU_BASE = dict(task="t2i", n_objects=1, pooled_text=True, text_len=world.ONE_OBJECT_TOKENS, t_sampling="logit_normal",
+                grid_rate=0.0)
+RECIPES = {
+    "tiny": dict(base=dict(CPU_BASE, steps=2, batch_size=4), expert=dict(steps=1, batch_size=4)),
+    "small": dict(base=dict(CPU_BASE, steps=4000, batch_size=64), expert=dict(steps=1500, t_sampling="logit_normal")),
+    "base": dict(base=dict(task="t2i", n_objects=0, pooled_text=True, grid_rate=0.0, steps=1800, batch_size=256,
+                           lr=3e-4, warmup=300),
+                 expert=dict(steps=1000, batch_size=256, lr=3e-4, warmup=100)),
+}
+
+
+def shared_path(preset_name, name, base=""):
+    """Where a shared model lives: the base at out/<preset>/base/ckpt.pt; an expert beside the base it was
+    fine-tuned from, at <base dir>/experts/<task>/ckpt.pt (so experts of another base never mix with these)."""
+    if name == "base":
+        return os.path.join("out", preset_name, "base", "ckpt.pt")
+    return os.path.join(os.path.dirname(base), "experts", name, "ckpt.pt")
+
+
+def prerequisite(preset_name, name, path="", base="", device="auto", compile="auto", quiet=False):
+    """The checkpoint of a shared model: name "base", or a task for its expert (SFT from the checkpoint `base`).
+
+    `path` given: it must exist; a path the user named is never built, so a typo cannot start a long build.
+    Else its place under out/ (`shared_path`), trained now with RECIPES[preset_name] if it is missing; a cached
+    model trained for another number of steps is used, with a note."""
+    if path:
+        if not os.path.isfile(path):
+            raise SystemExit(f"missing checkpoint: {path} (leave the option out to use, or build, the "
+                             f"{preset_name} recipe's {name})")
+        return path
+    path = shared_path(preset_name, name, base)
+    options = dict(RECIPES[preset_name]["base" if name == "base" else "expert"])
+    if name != "base":  # the expert reads captions as its base does
+        mcfg = DiTConfig(**peek(base)["model_config"])
+        options.update(task=name, init_from=base, pooled_text=mcfg.pooled_text, text_len=mcfg.max_text_len)
+    if os.path.exists(path):
+        made = peek(path).get("step")
+        if made != options["steps"]:  # e.g. cached under an older recipe
+            print(f"note: using cached {path}, trained {made} steps (the {preset_name} recipe trains {options['steps']})")
+        return path
+    what = "the base model" if name == "base" else f"the {name} expert (SFT from {base})"
+    print(f"building {what}: {path}, {options['steps']} steps")
+    return train(Config(preset=preset_name, out=os.path.dirname(path), device=device, compile=compile, quiet=quiet,
+                        eval_n=0, **options))
+
+
+def scene_objects(path):
+    """Objects per text-to-image scene of the model at `path`, for its data and evaluation: the count it was trained
+    on (train.py --n_objects; 0 -> None = 1-3), and 1 for a model that reads only one-object captions."""
+    ckpt = peek(path)
+    if ckpt["model_config"]["max_text_len"] < world.MAX_TOKENS:
+        return 1
+    return ckpt.get("config", {}).get("n_objects") or None
+
+
+def preset_model_config(path, preset_name):
+    """The DiTConfig of the checkpoint at `path` (model options such as pooled_text and the caption length come with
+    it); its preset fields must be `preset_name`'s. Method scripts give their teachers and students this config."""
+    mcfg = DiTConfig(**peek(path)["model_config"])
+    want = preset(preset_name, vocab_size=len(world.VOCAB))
+    fields = [*PRESETS[preset_name], "vocab_size"]
+    diff = {k: (getattr(want, k), getattr(mcfg, k)) for k in fields if getattr(want, k) != getattr(mcfg, k)}
+    if diff:
+        raise SystemExit(f"{path} is not a --preset={preset_name} model (wanted, found): {diff}")
+    return mcfg
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import common
 import bench
 import data
 import world
@@ -34,7 +35,7 @@ def test_forward_flops_equal_flop_counter(task, lora_rank):
     if lora_rank:
         add_lora(model, lora_rank)
     b = data.make_batch(task, 3, MCFG.image_size)
-    inputs = train.model_inputs(b)
+    inputs = common.model_inputs(b)
     assert (inputs["cond"] is not None) == (task in bench.COND_TASKS)
     assert (inputs["ref"] is not None) == (task in bench.REF_TASKS)
     want = bench.forward_flops(MCFG, task, batch=3, lora_rank=lora_rank)
@@ -60,7 +61,7 @@ def test_danceopd_step_flops_equal_flop_counter():
     teacher = DiT(MCFG).eval().requires_grad_(False)
     student = opd.make_student(teacher.state_dict(), MCFG, dcfg.lora_rank, 1.0, "cpu")
     batch = opd.get_batch(dcfg, ["local_edit"], 0, MCFG.image_size, "cpu")
-    got = counted(lambda: opd.distill_loss(student, {"local_edit": teacher}, batch, dcfg, train.step_generator(0, 0)),
+    got = counted(lambda: opd.distill_loss(student, {"local_edit": teacher}, batch, dcfg, common.step_generator(0, 0)),
                   math_attention=True)
     student_fwd = bench.forward_flops(MCFG, "local_edit", 1, lora_rank=4)["total"]
     step = bench.danceopd_step_flops(MCFG, dcfg, "local_edit", 2)
@@ -73,7 +74,7 @@ def test_bench_runs_end_to_end(tmp_path):
     args = ["--device=cpu", "--preset=tiny", "--batch_size=2", "--rollout_steps=2", "--sample_batches=1,2",
             "--sample_steps=1,2", "--gemm_size=64", "--warmup=1", "--iters=1", "--sample_iters=1", "--compile=off",
             f"--out={out}"]
-    report = bench.main(train.parse_config(bench.Config(), args))
+    report = bench.main(common.parse_config(bench.Config(), args))
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert {"device", "config", "model", "gemm", "train", "sample"} <= set(report)
     assert report["gemm"]["tflops"] > 0
@@ -94,7 +95,7 @@ def test_bench_times_the_short_caption_model_of_the_cpu_recipe(tmp_path):
     args = ["--device=cpu", "--preset=tiny", "--batch_size=2", "--rollout_steps=2", "--sample_batches=1",
             "--sample_steps=1", "--gemm_size=64", "--warmup=1", "--iters=1", "--sample_iters=1", "--compile=off",
             "--text_len=24", "--pooled_text=true", f"--out={tmp_path / 'bench.json'}"]
-    report = bench.main(train.parse_config(bench.Config(), args))
+    report = bench.main(common.parse_config(bench.Config(), args))
     short = preset("tiny", vocab_size=len(world.VOCAB), max_text_len=24, pooled_text=True)
     assert report["model"]["tokens"] == 1 + 24 + (short.image_size // short.patch_size) ** 2
     assert report["train"]["flow_matching"]["step_gflop"] * 1e9 == pytest.approx(

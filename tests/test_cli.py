@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import common
 import evaluate
 import sample
 import train
@@ -16,11 +17,11 @@ TINY = ["--preset=tiny", "--batch_size=8", "--eval_n=0", "--quiet", "--log_every
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "base"
-    return train.train(train.parse_config(train.Config(), TINY + [f"--out={out}", "--steps=10", "--eval_n=4"]))
+    return train.train(common.parse_config(train.Config(), TINY + [f"--out={out}", "--steps=10", "--eval_n=4"]))
 
 
 def sample_cli(*args):
-    return sample.main(train.parse_config(sample.Config(), list(args)))
+    return sample.main(common.parse_config(sample.Config(), list(args)))
 
 
 def test_train_sample_evaluate_end_to_end(ckpt, tmp_path, monkeypatch):
@@ -33,7 +34,7 @@ def test_train_sample_evaluate_end_to_end(ckpt, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in open(os.path.join(os.path.dirname(ckpt), "log.jsonl"))]
     assert 0 <= rows[-1]["eval"]["t2i"]["success"] <= 1 and "shape" in rows[-1]["eval"]["t2i"]  # end-of-run eval
     monkeypatch.chdir(tmp_path)
-    res = evaluate.main(train.parse_config(evaluate.Config(), [f"--ckpts=tiny={ckpt}", "--n=4", "--steps=2",
+    res = evaluate.main(common.parse_config(evaluate.Config(), [f"--ckpts=tiny={ckpt}", "--n=4", "--steps=2",
                                                                "--tasks=t2i,local_edit", "--name=e2e"]))
     assert set(res["tiny"]) == {"t2i", "t2i 1 object", "t2i 2 objects", "t2i held-out pairs"}  # not trained: edits
     assert all(0 <= m["success"] <= 1 for m in res["tiny"].values())
@@ -51,7 +52,7 @@ def test_sample_cli_errors(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="unknown option '--stpes=3'"):
         sample_cli(f"--ckpt={ckpt}", "--prompt=a red circle", "--stpes=3")
     world.to_pil(torch.zeros(3, 48, 48)).save(tmp_path / "big.png")
-    edit = train.train(train.parse_config(train.Config(), TINY + [f"--out={tmp_path / 'e'}", "--steps=1",
+    edit = train.train(common.parse_config(train.Config(), TINY + [f"--out={tmp_path / 'e'}", "--steps=1",
                                                                   "--task=local_edit", f"--init_from={ckpt}"]))
     with pytest.raises(SystemExit, match="is 48x48, expected 32x32"):
         sample_cli(f"--ckpt={edit}", "--task=local_edit", "--prompt=make the red circle blue",

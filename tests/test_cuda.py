@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import common
 import train
 import world
 from model import DiT, preset
@@ -31,7 +32,7 @@ def jittered_model(name="small", std=0.02):
 def env(fast):
     """The default CUDA path (bf16 autocast + TF32 + compile) or strict fp32 eager. setup() sets TF32 for the
     whole process, so call this right before computing with it."""
-    env = train.setup(train.Config(device="cuda") if fast else
+    env = common.setup(train.Config(device="cuda") if fast else
                       train.Config(device="cuda", precision="fp32", compile="off"))
     assert isinstance(env.ctx, torch.autocast) == fast == env.compile == torch.backends.cuda.matmul.allow_tf32
     return env
@@ -63,9 +64,9 @@ def test_flash_attention_serves_the_model_under_bf16():
     batch, _ = train.get_batch(train.Config(batch_size=4), env(True), 0, model.config.image_size)
     x, t = torch.randn_like(batch.target), torch.rand(4, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        default = model(x, t, **train.model_inputs(batch))
+        default = model(x, t, **common.model_inputs(batch))
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if the flash kernel cannot take these inputs
-            flash = model(x, t, **train.model_inputs(batch))
+            flash = model(x, t, **common.model_inputs(batch))
     assert ((flash - default).float().norm() / default.float().norm()).item() < 1e-2
 
 
@@ -74,16 +75,16 @@ def test_compiled_bf16_sampler_matches_fp32():
     model = jittered_model().eval()
     batch, _ = train.get_batch(train.Config(batch_size=8), env(False), 0, model.config.image_size)
     noise = torch.randn_like(batch.target)
-    ref = euler(model, noise, train.model_inputs(batch), 8, 3.0)
+    ref = euler(model, noise, common.model_inputs(batch), 8, 3.0)
     with env(True).ctx:
-        out = euler(torch.compile(model), noise, train.model_inputs(batch), 8, 3.0).float()
+        out = euler(torch.compile(model), noise, common.model_inputs(batch), 8, 3.0).float()
     assert (ref - noise).abs().mean() > 0.1  # a field that moves the sample
     assert ((out - ref).norm() / ref.norm()).item() < 2e-2
 
 
 def test_train_py_default_cuda_run_follows_the_fp32_run(tmp_path):
     def run(out, *args):
-        train.train(train.parse_config(train.Config(), ["--preset=tiny", "--batch_size=32", "--steps=30",
+        train.train(common.parse_config(train.Config(), ["--preset=tiny", "--batch_size=32", "--steps=30",
                                                         "--warmup=5", "--eval_n=0", "--quiet", "--log_every=1",
                                                         "--device=cuda", f"--out={out}", *args]))
         return [r["loss"] for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]

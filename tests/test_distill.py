@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+import common
 import data
 import world
 import distill_onpolicy as opd
 import sample
 import train
-from model import DiT, lora_parameters, preset
+from model import DiT, lora_parameters, merged_copy, preset
 
 MCFG = preset("tiny", vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
 TASKS = ["t2i", "local_edit", "global_edit"]
@@ -48,23 +49,23 @@ def test_rollout_has_no_grad_and_the_query_is_detached():
     student, teacher = random_field(1), frozen(random_field(2))
     cfg = config(tasks="t2i")
     batch = opd.get_batch(cfg, ["t2i"], 0, 32, "cpu")
-    states, _, _ = sample.rollout(student, torch.randn(4, 3, 32, 32), train.model_inputs(batch), 16)
+    states, _, _ = sample.rollout(student, torch.randn(4, 3, 32, 32), common.model_inputs(batch), 16)
     assert not states.requires_grad
-    x, t, w, inputs = opd.query_states(cfg, student, batch, train.step_generator(0, 0))
+    x, t, w, inputs = opd.query_states(cfg, student, batch, common.step_generator(0, 0))
     assert not x.requires_grad and x.grad_fn is None and x.shape == (4, 3, 32, 32)
     # the loss's gradient is exactly that of MSE at a constant state ...
-    opd.distill_loss(student, {"t2i": teacher}, batch, cfg, train.step_generator(0, 0))[0].backward()
+    opd.distill_loss(student, {"t2i": teacher}, batch, cfg, common.step_generator(0, 0))[0].backward()
     g_opd = grads(student)
     student.zero_grad()
     ((student(x, t, **inputs) - teacher(x, t, **inputs)).square().mean((1, 2, 3)) * w).sum().div(4).backward()
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g_opd, grads(student)))
     # ... and differs from the gradient through the trajectory, so the check above has teeth
     student.zero_grad()
-    noise = torch.randn(batch.target.shape, generator=train.step_generator(0, 0))  # query_states' first draw
+    noise = torch.randn(batch.target.shape, generator=common.step_generator(0, 0))  # query_states' first draw
     idx, ts, xt, states = ((1 - t) * 16).round().long(), sample.timesteps(16), noise, []
     for i in range(16):  # a leaky rollout: the same Euler steps with the graph kept
         states.append(xt)
-        xt = xt + (ts[i + 1] - ts[i]) * student(xt, ts[i].expand(4), **train.model_inputs(batch))
+        xt = xt + (ts[i + 1] - ts[i]) * student(xt, ts[i].expand(4), **common.model_inputs(batch))
     x_leak = torch.stack(states)[idx, torch.arange(4)]
     torch.testing.assert_close(x_leak.detach(), x)
     ((student(x_leak, t, **inputs) - teacher(x, t, **inputs)).square().mean((1, 2, 3)) * w).sum().div(4).backward()
@@ -77,15 +78,15 @@ def test_rollin_takes_the_teachers_steps():
     student, teacher = random_field(1), frozen(random_field(2))
     cfg = config(tasks="t2i", query="uniform", query_k=4)
     batch = opd.get_batch(cfg, ["t2i"], 0, 32, "cpu")
-    noise = torch.randn(batch.target.shape, generator=train.step_generator(0, 0))  # query_states' first draw
+    noise = torch.randn(batch.target.shape, generator=common.step_generator(0, 0))  # query_states' first draw
     xs = {}
     for p, field in ((0.0, student), (1.0, teacher), (0.5, None)):
         x, t, _, _ = opd.query_states(config(tasks="t2i", query="uniform", query_k=4, rollin=p), student, batch,
-                                       train.step_generator(0, 0), teacher)
+                                       common.step_generator(0, 0), teacher)
         assert x.grad_fn is None
         xs[p], idx = x, ((1 - t) * 16).round().long().view(4, 4)
         if field is not None:
-            states, _, _ = sample.rollout(field, noise, train.model_inputs(batch), 16)
+            states, _, _ = sample.rollout(field, noise, common.model_inputs(batch), 16)
             torch.testing.assert_close(x, states[idx, torch.arange(4)[:, None]].flatten(0, 1))
     late = (idx.flatten() > 1)  # states after both fields could have taken a step
     assert all((xs[0.5][late] - xs[p][late]).abs().max() > 1e-4 for p in (0.0, 1.0))
@@ -95,9 +96,9 @@ def test_teachers_stay_frozen_and_only_lora_moves(tmp_path):
     teachers = {}
     for i, task in enumerate(TASKS):  # through the script's own loader, from checkpoints
         path = str(tmp_path / f"{task}.pt")
-        train.save_checkpoint(path, ema=random_field(i + 2).state_dict(), tasks=[task],
+        common.save_checkpoint(path, ema=random_field(i + 2).state_dict(), tasks=[task],
                               model_config=dataclasses.asdict(MCFG))
-        teachers[task] = opd.load_teacher(path, MCFG, task, "cpu")
+        teachers[task] = common.load_teacher(path, MCFG, task, "cpu")
     before = {t: copy.deepcopy(m.state_dict()) for t, m in teachers.items()}
     base = random_field(1)
     student = opd.make_student(base.state_dict(), MCFG, 4, 1.0, "cpu")
@@ -107,7 +108,7 @@ def test_teachers_stay_frozen_and_only_lora_moves(tmp_path):
     cfg = config(lora_rank=4, routing="soft")  # soft: every teacher is queried every step
     for step in range(3):
         batch = opd.get_batch(cfg, TASKS, step, 32, "cpu")
-        loss, _ = opd.distill_loss(student, teachers, batch, cfg, train.step_generator(0, step))
+        loss, _ = opd.distill_loss(student, teachers, batch, cfg, common.step_generator(0, step))
         loss.backward()
         opt.step(), opt.zero_grad()
     for t, m in teachers.items():
@@ -119,7 +120,7 @@ def test_teachers_stay_frozen_and_only_lora_moves(tmp_path):
     moved = {k.split(".")[0] for k, v in student.state_dict().items()  # ... except the condition input
              if "lora_" not in k and not torch.equal(v, base_sd[k.replace(".base.", ".")])}
     assert moved == set(opd.STUDENT_TRAINABLE)
-    merged = opd.merged_student(student)
+    merged = merged_copy(student)
     assert any(not torch.equal(v, base.state_dict()[k]) for k, v in merged.state_dict().items())  # LoRA did
 
 
@@ -144,7 +145,7 @@ def test_hard_routing_asks_exactly_the_routed_teacher(routing):
     for step in range(6):
         batch = opd.get_batch(cfg, TASKS, step, 32, "cpu")
         assert batch.task == opd.get_batch(cfg, TASKS, step, 32, "cpu").task  # deterministic, resumable
-        opd.distill_loss(student, teachers, batch, cfg, train.step_generator(0, step))
+        opd.distill_loss(student, teachers, batch, cfg, common.step_generator(0, step))
         called = {t for t, r in teachers.items() if r.calls}
         assert called == ({batch.task} if routing == "hard" else set(TASKS))
         assert all(r.calls == [[data.TASKS.index(batch.task)]] for t, r in teachers.items() if t in called)
@@ -214,15 +215,15 @@ def test_loss_is_zero_when_the_student_is_the_teacher(mode):
     student = opd.make_student(teacher.state_dict(), MCFG, 0, 1.0, "cpu")
     cfg = config(mode=mode, query_k=2)
     batch = opd.get_batch(cfg, ["local_edit"], 0, 32, "cpu")
-    loss, _ = opd.distill_loss(student, {"local_edit": teacher}, batch, cfg, train.step_generator(0, 0))
+    loss, _ = opd.distill_loss(student, {"local_edit": teacher}, batch, cfg, common.step_generator(0, 0))
     loss.backward()
     assert loss.item() == 0 and all(g.abs().max() == 0 for g in grads(student))
     probe_noise = torch.randn(batch.target.shape)
     assert opd.field_errors(student, teacher, batch, probe_noise).mean().item() == 0
     other = frozen(random_field(3))
-    assert opd.distill_loss(student, {"local_edit": other}, batch, cfg, train.step_generator(0, 0))[0] > 1e-4
+    assert opd.distill_loss(student, {"local_edit": other}, batch, cfg, common.step_generator(0, 0))[0] > 1e-4
     guided = config(mode=mode, cfg_alpha=3.0)  # CFG absorption: the guided teacher is not the plain student
-    assert opd.distill_loss(student, {"local_edit": teacher}, batch, guided, train.step_generator(0, 0))[0] > 0
+    assert opd.distill_loss(student, {"local_edit": teacher}, batch, guided, common.step_generator(0, 0))[0] > 0
 
 
 def test_field_error_falls_faster_on_policy_than_off_policy():
@@ -239,7 +240,7 @@ def test_field_error_falls_faster_on_policy_than_off_policy():
         start = opd.field_errors(student, teacher, probe, noise).mean().item()
         for step in range(20):
             batch = opd.get_batch(cfg, ["t2i"], step, 32, "cpu")
-            loss, _ = opd.distill_loss(student, {"t2i": teacher}, batch, cfg, train.step_generator(0, step))
+            loss, _ = opd.distill_loss(student, {"t2i": teacher}, batch, cfg, common.step_generator(0, step))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step(), opt.zero_grad()
@@ -256,92 +257,95 @@ def test_merge_weights_is_the_average():
 
 
 def run(args):
-    return opd.train(train.parse_config(opd.Config(), args))
+    return opd.train(common.parse_config(opd.Config(), args))
 
 
 def test_end_to_end_resume_and_errors(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # results/ is written to the working directory, as evaluate.py does
-    teach = tmp_path / "teachers"
-    common = ["--preset=tiny", f"--base={teach}/base/ckpt.pt", "--base_steps=2", "--base_batch=4", "--expert_steps=1",
-              f"--experts=local_edit={teach}/local/ckpt.pt", "--batch_size=4", "--lora_rank=4", "--quiet",
-              "--log_every=2", "--steps=4"]
-    ckpt = run(common + [f"--out={tmp_path}/a", "--eval_n=4", f"--compare=again={teach}/base/ckpt.pt"])
+    monkeypatch.chdir(tmp_path)  # out/ and results/ are relative to the working directory
+    args = ["--preset=tiny", "--batch_size=4", "--lora_rank=4", "--quiet", "--log_every=2", "--steps=4"]
+    with pytest.raises(SystemExit, match="missing checkpoint: typo/ckpt.pt"):  # a path the user named: never built
+        run(args + ["--base=typo/ckpt.pt", f"--out={tmp_path}/x"])
+    assert not os.path.exists("typo") and not os.path.exists("out")
+    ckpt = run(args + [f"--out={tmp_path}/a", "--eval_n=4", "--compare=again=out/tiny/base/ckpt.pt"])
     out = capsys.readouterr().out
     assert all(f"building the {w}" in out for w in ("base model", "local_edit expert", "global_edit expert"))
-    assert os.path.exists(f"{teach}/local/ckpt.pt") and os.path.exists("out/tiny/global_edit/ckpt.pt")
-    model, ck = train.load_model(ckpt)  # a standard checkpoint: merged LoRA, plain DiT keys
+    for task, path in (("t2i", "out/tiny/base/ckpt.pt"), ("local_edit", "out/tiny/base/experts/local_edit/ckpt.pt"),
+                       ("global_edit", "out/tiny/base/experts/global_edit/ckpt.pt")):
+        built = common.load_checkpoint(path)  # ... with the recipe's steps, the experts from this base
+        recipe = train.RECIPES["tiny"]["base" if task == "t2i" else "expert"]
+        assert built["step"] == recipe["steps"] and task in built["tasks"]
+        assert task == "t2i" or built["config"]["init_from"] == "out/tiny/base/ckpt.pt"
+    model, ck = common.load_model(ckpt)  # a standard checkpoint: merged LoRA, plain DiT keys
     assert ck["tasks"] == sorted(TASKS) and not any("lora" in k for k in ck["ema"])
-    res = json.load(open("results/danceopd.json"))["results"]
+    res = json.load(open("results/danceopd/danceopd.json"))["results"]
     assert set(res) == {"danceopd", "base (t2i teacher)", "local_edit teacher", "global_edit teacher",
                         "merged teachers", "again"}
-    assert all(0 <= r[c]["success"] <= 1 for r in res.values() for c in TASKS + ["average"])
-    assert "| danceopd |" in open("results/danceopd.md").read()
+    base_row = res["base (t2i teacher)"]["t2i"]  # the same model and seeds give the same row, whatever its label
+    assert res["again"]["t2i"] == base_row and set(res["danceopd"]) == set(TASKS + ["average"])
+    assert "| danceopd |" in open("results/danceopd/danceopd.md").read()
     rows = [json.loads(line) for line in open(f"{tmp_path}/a/log.jsonl")]
     assert [r["step"] for r in rows] == [2, 4, 4] and set(rows[0]["field_error"]) == set(TASKS)
     by_state = rows[0]["field_error_by_state"]  # one error per rollout state; their mean is the logged error
     assert all(len(by_state[t]) == 16 and abs(sum(by_state[t]) / 16 - rows[0]["field_error"][t]) < 1e-3
                for t in TASKS)
     # cached teachers are reused; an interrupted + resumed run equals the uninterrupted one bitwise
-    run(common + [f"--out={tmp_path}/b", "--eval_n=0", "--stop_at=2"])
-    run(common + [f"--out={tmp_path}/b", "--eval_n=0", "--resume"])
+    run(args + [f"--out={tmp_path}/b", "--eval_n=0", "--stop_at=2"])
+    run(args + [f"--out={tmp_path}/b", "--eval_n=0", "--resume"])
     assert "building" not in capsys.readouterr().out
     a, b = (torch.load(f"{tmp_path}/{r}/ckpt.pt", weights_only=True) for r in "ab")
     assert a["step"] == b["step"] == 4
     assert all(torch.equal(a[key][k], b[key][k]) for key in ("student", "ema") for k in a[key])
     # --init: the student starts from another checkpoint (here the base with every weight moved), not the base
-    other = torch.load(f"{teach}/base/ckpt.pt", weights_only=True)
+    other = torch.load("out/tiny/base/ckpt.pt", weights_only=True)
     other["ema"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in other["ema"].items()}
-    train.save_checkpoint(f"{tmp_path}/other.pt", **other)
-    run(common + [f"--out={tmp_path}/c", "--eval_n=0", f"--init={tmp_path}/other.pt", "--lr=1e-12"])
+    common.save_checkpoint(f"{tmp_path}/other.pt", **other)
+    run(args + [f"--out={tmp_path}/c", "--eval_n=0", f"--init={tmp_path}/other.pt", "--lr=1e-12"])
     c = torch.load(f"{tmp_path}/c/ckpt.pt", weights_only=True)["ema"]
     assert all(torch.allclose(c[k], other["ema"][k], atol=1e-6) for k in c)
     with pytest.raises(SystemExit, match="missing checkpoint"):
-        run(common + [f"--out={tmp_path}/d", f"--init={tmp_path}/nothing.pt"])
+        run(args + [f"--out={tmp_path}/d", f"--init={tmp_path}/nothing.pt"])
     with pytest.raises(SystemExit, match="exists: pass --resume"):
-        run(common + [f"--out={tmp_path}/a"])
+        run(args + [f"--out={tmp_path}/a"])
     with pytest.raises(SystemExit, match="is not a --preset=small run"):  # refused before building anything
-        run(common[1:] + ["--preset=small", f"--out={tmp_path}/b", "--resume"])
+        run(args[1:] + ["--preset=small", f"--out={tmp_path}/b", "--resume"])
     assert not os.path.exists("out/small")
     with pytest.raises(SystemExit, match="--mode is one of"):
-        run(common + ["--mode=sideways"])
+        run(args + ["--mode=sideways"])
     with pytest.raises(SystemExit, match="unknown task 'paint'"):
-        run(common + ["--tasks=t2i,paint"])
+        run(args + ["--tasks=t2i,paint"])
     with pytest.raises(SystemExit, match="take LABEL=PATH"):
-        run(common + ["--compare=nolabel"])
+        run(args + ["--compare=nolabel"])
     with pytest.raises(SystemExit, match="unknown option '--quer=low'"):
-        run(common + ["--quer=low"])
+        run(args + ["--quer=low"])
 
 
 def test_the_base_checkpoint_sets_the_model_config(tmp_path, monkeypatch):
     """A base with model options (pooled_text, a shorter text) is taken as it is, and the experts built from it
-    inherit them; a base of another preset is refused before anything is built."""
+    inherit them and live beside it, never among the shared models; a base of another preset is refused before
+    anything is built."""
     monkeypatch.chdir(tmp_path)
-    base = train.train(train.parse_config(train.Config(), [
-        "--preset=tiny", "--pooled_text=true", "--text_len=24", "--n_objects=1", "--steps=2", "--batch_size=4",
-        "--eval_n=0", "--quiet", f"--out={tmp_path}/pooled"]))
-    common = ["--preset=tiny", f"--base={base}", "--tasks=t2i,local_edit", "--expert_steps=1", "--batch_size=4",
-              "--lora_rank=4", "--quiet", "--steps=2", "--eval_n=0"]
-    student = run(common + [f"--out={tmp_path}/a"])
-    expert = train.load_checkpoint("out/tiny/local_edit/ckpt.pt")
-    for ckpt in (expert, train.load_checkpoint(student)):
-        assert ckpt["model_config"]["pooled_text"] and ckpt["model_config"]["max_text_len"] == 24
+    base = train.train(common.parse_config(train.Config(), [
+        "--preset=tiny", "--pooled_text=false", "--text_len=24", "--n_objects=1", "--steps=2", "--batch_size=4",
+        "--eval_n=0", "--quiet", f"--out={tmp_path}/mine"]))
+    args = ["--preset=tiny", f"--base={base}", "--tasks=t2i,local_edit", "--batch_size=4", "--lora_rank=4", "--quiet",
+            "--steps=2", "--eval_n=0"]
+    student = run(args + [f"--out={tmp_path}/a"])
+    expert = common.load_checkpoint(f"{tmp_path}/mine/experts/local_edit/ckpt.pt")
+    for ckpt in (expert, common.load_checkpoint(student)):
+        assert not ckpt["model_config"]["pooled_text"] and ckpt["model_config"]["max_text_len"] == 24
+    assert not os.path.exists("out/tiny")  # the shared tiny models were neither used nor built
     with pytest.raises(SystemExit, match="is not a --preset=small model"):
-        run(common[1:] + ["--preset=small", f"--out={tmp_path}/b"])
+        run(args[1:] + ["--preset=small", f"--out={tmp_path}/b"])
     assert not os.path.exists("out/small")
 
 
-def test_the_preset_recipe_fills_only_what_is_left_open():
+def test_the_preset_defaults_fill_only_what_is_left_open():
     cpu, gpu = opd.resolve(opd.Config(device="cpu")), opd.resolve(opd.Config(device="cuda"))
-    assert (cpu.preset, cpu.steps, cpu.batch_size, cpu.lr, cpu.base_objects) == ("small", 300, 16, 1e-3, 1)
-    assert (gpu.preset, gpu.base_objects, gpu.base_steps, gpu.base_batch) == ("base", 0, 1800, 256)
-    assert gpu.expert_steps == 1000
-    assert (gpu.steps, gpu.batch_size, gpu.lr) == (400, 64, 3e-4)
-    # ^ the chain measured on one H100 (README, "Results on one GPU")
-    mine = opd.resolve(opd.Config(device="cpu", preset="tiny", steps=7, base_objects=0))
-    assert (mine.steps, mine.base_objects, mine.batch_size) == (7, 0, 16)
+    assert (cpu.preset, cpu.out, cpu.steps, cpu.batch_size, cpu.lr) == ("small", "out/small/danceopd", 300, 16, 1e-3)
+    assert (gpu.preset, gpu.out, gpu.steps, gpu.batch_size, gpu.lr) == ("base", "out/base/danceopd", 400, 64, 3e-4)
+    mine = opd.resolve(opd.Config(device="cpu", preset="tiny", steps=7, out="elsewhere"))
+    assert (mine.steps, mine.batch_size, mine.out) == (7, 16, "elsewhere")
     assert opd.command_args(cpu) == "--preset=small"
-    assert opd.command_args(mine) == "--preset=tiny --base_objects=0 --steps=7"
+    assert opd.command_args(mine) == "--preset=tiny --out=elsewhere --steps=7"
     with pytest.raises(SystemExit, match="must be >= 0"):
         opd.check_config(opd.Config(steps=-1))
-    with pytest.raises(SystemExit, match="--base_objects must be >= 0"):
-        opd.check_config(opd.Config(base_objects=-2))

@@ -37,7 +37,7 @@ def test_shape_probe_reads_the_shape_word_or_its_absence():
 
 
 def test_a_name_that_is_a_path_is_a_clear_error():
-    with pytest.raises(SystemExit, match="must be a plain file name"):
+    with pytest.raises(SystemExit, match="must be a file name or TOPIC/NAME"):
         evaluate.main(evaluate.parse_config(evaluate.Config(), ["--ckpts=x.pt", "--name=../elsewhere"]))
 
 

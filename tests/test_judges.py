@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import common
 import data
 import world
 import judges
@@ -31,7 +32,7 @@ def frozen_judges(vlm, tmp_path):
     out = [judges.Judge(*vlm)]
     for kind, cls in (("alignment", rewards.Alignment), ("aesthetic", rewards.Aesthetic)):
         net, extra = cls("tiny"), dict(pool="mean") if kind == "alignment" else {}
-        train.save_checkpoint(str(tmp_path / kind), kind=kind, preset="tiny", res=32, state=net.state_dict(), **extra)
+        common.save_checkpoint(str(tmp_path / kind), kind=kind, preset="tiny", res=32, state=net.state_dict(), **extra)
         out.append(rewards.load_reward(str(tmp_path / kind)))
     return out
 
@@ -284,14 +285,14 @@ def test_a_saved_alignment_reward_reloads_with_its_own_pooling(tmp_path):
     for pool in ("mean", "token"):
         torch.manual_seed(0)
         net = rewards.Alignment("tiny", pool=pool).eval()
-        train.save_checkpoint(str(tmp_path / pool), kind="alignment", preset="tiny", res=32, pool=pool,
+        common.save_checkpoint(str(tmp_path / pool), kind="alignment", preset="tiny", res=32, pool=pool,
                               state=net.state_dict())
         back = rewards.load_reward(str(tmp_path / pool))
         assert back.pool == pool and torch.equal(back.scores(images, captions), net.scores(images, captions))
     other = rewards.Alignment("tiny", pool="mean").eval()  # the token-pooled weights, pooled the other way
     other.load_state_dict(back.state_dict())
     assert not torch.allclose(other.scores(images, captions), back.scores(images, captions))  # pooling is the model's
-    train.save_checkpoint(str(tmp_path / "old"), kind="alignment", preset="tiny", res=32, state=net.state_dict())
+    common.save_checkpoint(str(tmp_path / "old"), kind="alignment", preset="tiny", res=32, state=net.state_dict())
     assert rewards.load_reward(str(tmp_path / "old")).pool == "token"  # saved before pooling was an option
     with pytest.raises(SystemExit, match="pools its towers by 'token', not --align_pool=mean"):
         os.replace(tmp_path / "token", tmp_path / "alignment.pt")
@@ -349,7 +350,7 @@ def test_agreement_with_the_exact_parser_on_generated_images(vlm, tmp_path):
     torch.manual_seed(0)
     cfg = model.preset("tiny", vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
     dit = model.DiT(cfg)
-    train.save_checkpoint(str(tmp_path / "ckpt.pt"), model=dit.state_dict(), ema=dit.state_dict(),
+    common.save_checkpoint(str(tmp_path / "ckpt.pt"), model=dit.state_dict(), ema=dit.state_dict(),
                           model_config=dataclasses.asdict(cfg), tasks=["t2i"])
     rates = judges.agreement(judges.Judge(*vlm), str(tmp_path / "ckpt.pt"), n=6, steps=2)
     assert set(rates) == {"vlm_vs_parser", "vlm_vs_prompt", "parser_vs_prompt"}

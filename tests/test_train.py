@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import common
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,7 +16,7 @@ TINY = ["--preset=tiny", "--batch_size=8", "--eval_n=0", "--quiet", "--log_every
 
 
 def run(out, *args):
-    return train.train(train.parse_config(train.Config(), TINY + [f"--out={out}", *args]))
+    return train.train(common.parse_config(train.Config(), TINY + [f"--out={out}", *args]))
 
 
 def losses(out):
@@ -56,9 +57,9 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 def test_bad_options_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="unknown option '--lrr=1'"):
-        train.parse_config(train.Config(), ["--lrr=1"])
+        common.parse_config(train.Config(), ["--lrr=1"])
     with pytest.raises(SystemExit, match="--steps takes a int"):
-        train.parse_config(train.Config(), ["--steps=many"])
+        common.parse_config(train.Config(), ["--steps=many"])
     with pytest.raises(SystemExit, match="unknown task 'paint'"):
         run(tmp_path / "x", "--task=paint")
     with pytest.raises(SystemExit, match="missing checkpoint"):
@@ -75,13 +76,13 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
         run(tmp_path / "a", "--steps=2")  # never overwrite a finished run
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="not a checkpoint"):
-        train.load_checkpoint(str(tmp_path / "junk.pt"))
+        common.load_checkpoint(str(tmp_path / "junk.pt"))
 
 
 def test_finetune_starts_from_the_base_and_records_tasks(tmp_path):
     base = run(tmp_path / "base", "--steps=2")
     expert = run(tmp_path / "expert", "--steps=1", "--task=local_edit", f"--init_from={base}")
-    model, ckpt = train.load_model(expert)
+    model, ckpt = common.load_model(expert)
     assert ckpt["tasks"] == ["local_edit", "t2i"]
     b = torch.load(base, weights_only=True)["ema"]
     moved = [k for k in b if not torch.equal(b[k], ckpt["model"][k])]
@@ -90,9 +91,9 @@ def test_finetune_starts_from_the_base_and_records_tasks(tmp_path):
 
 @pytest.mark.parametrize("n_objects", [1, 2])
 def test_n_objects_fixes_the_object_count_of_t2i_batches(n_objects):
-    cfg = train.parse_config(train.Config(), ["--preset=tiny", "--batch_size=16", f"--n_objects={n_objects}",
+    cfg = common.parse_config(train.Config(), ["--preset=tiny", "--batch_size=16", f"--n_objects={n_objects}",
                                               "--grid_rate=0"])
-    env = train.Env(torch.device("cpu"), None, False, 0, 1)
+    env = common.Env(torch.device("cpu"), None, False, 0, 1)
     batch, noise = train.get_batch(cfg, env, step=0, res=32)
     assert [len(s.objects) for s in batch.specs] == [n_objects] * 16 and noise["t"].shape == (16,)
 
@@ -100,8 +101,8 @@ def test_n_objects_fixes_the_object_count_of_t2i_batches(n_objects):
 def test_batches_are_tokenized_to_the_model_text_length(tmp_path):
     """A --text_len=24 run gets 24-wide token batches from data (no pad columns for the model to drop, so no
     device check per forward); whole-scene captions of 2-3 objects do not fit and are refused up front."""
-    cfg = train.parse_config(train.Config(), ["--preset=tiny", "--batch_size=8", "--text_len=24", "--n_objects=1"])
-    batch, _ = train.get_batch(cfg, train.Env(torch.device("cpu"), None, False, 0, 1), step=0, res=32)
+    cfg = common.parse_config(train.Config(), ["--preset=tiny", "--batch_size=8", "--text_len=24", "--n_objects=1"])
+    batch, _ = train.get_batch(cfg, common.Env(torch.device("cpu"), None, False, 0, 1), step=0, res=32)
     assert batch.tokens.shape == (8, 24) and (batch.tokens != 0).any()
     with pytest.raises(SystemExit, match="--text_len=24 is too short for the t2i captions .* add --n_objects=1"):
         run(tmp_path / "x", "--text_len=24")
@@ -109,9 +110,9 @@ def test_batches_are_tokenized_to_the_model_text_length(tmp_path):
 
 def test_logit_normal_times_favour_mid_noise(tmp_path):
     """--t_sampling=logit_normal draws t = sigmoid(N(0, 1)): about 73% in [0.25, 0.75], against 50% uniform."""
-    env = train.Env(torch.device("cpu"), None, False, 0, 1)
+    env = common.Env(torch.device("cpu"), None, False, 0, 1)
     for kind, lo, hi in (("uniform", 0.45, 0.55), ("logit_normal", 0.69, 0.77)):
-        cfg = train.parse_config(train.Config(), ["--preset=tiny", "--batch_size=512", f"--t_sampling={kind}"])
+        cfg = common.parse_config(train.Config(), ["--preset=tiny", "--batch_size=512", f"--t_sampling={kind}"])
         t = torch.cat([train.get_batch(cfg, env, step=s, res=32)[1]["t"] for s in range(4)])
         assert 0 < t.min() and t.max() < 1 and lo < ((t > 0.25) & (t < 0.75)).float().mean() < hi, kind
     with pytest.raises(SystemExit, match="--t_sampling takes uniform or logit_normal, not 'beta'"):
