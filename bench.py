@@ -1,6 +1,6 @@
 """Speed: training throughput and MFU, eager vs torch.compile, sampling latency, peak memory, in one process.
 
-    python bench.py                          # base preset on a GPU (tiny on the CPU) -> results/speed/bench_<device>.json
+    python bench.py                 # base preset on a GPU (tiny on the CPU) -> results/speed/bench_<device>.json
     python bench.py --preset=small --compile=off --out=results/bench_small.json
     OMP_NUM_THREADS=1 python bench.py --device=cpu --batch_size=4 --sample_batches=1,4   # quick CPU run (seconds)
 
@@ -32,31 +32,42 @@ import data
 import world
 import distill_onpolicy as opd
 import train
-from common import ema_update, model_inputs, parse_config, setup, step_generator
+from common import check_config, ema_update, model_inputs, option, parse_config, setup, step_generator
 from model import PRESETS, DiT, count_params, preset
 from sample import euler
 
 
 @dataclass
 class Config:
-    preset: str = "auto"           # model preset: tiny | small | base (auto = base on CUDA, tiny on the CPU)
-    task: str = "t2i"              # the task of every batch: sets the sequence (condition channels, reference tokens)
-    batch_size: int = 0            # training batch of both steps (0 = 256 on CUDA, 8 on the CPU)
-    rollout_steps: int = 16        # DanceOPD student rollout, Euler steps (distill_onpolicy's default)
-    lora_rank: int = 32            # DanceOPD student LoRA rank (distill_onpolicy's default)
-    text_len: int = 0              # caption tokens the model reads (train.py --text_len; 0 = world.MAX_TOKENS = 48)
+    preset: str = option("auto", choices=("auto",) + tuple(PRESETS))  # tiny | small | base (auto = base on CUDA,
+                                   # tiny on the CPU)
+    task: str = option("t2i", choices=data.TASKS)  # the task of every batch: sets the sequence (condition channels,
+                                   # reference tokens)
+    batch_size: int = option(0, low=0)  # training batch of both steps (0 = 256 on CUDA, 8 on the CPU)
+    rollout_steps: int = option(16, low=1)  # DanceOPD student rollout, Euler steps (distill_onpolicy's default)
+    lora_rank: int = option(32, low=0)  # DanceOPD student LoRA rank (distill_onpolicy's default)
+    text_len: int = option(0, low=0, high=world.MAX_TOKENS)  # caption tokens the model reads (train.py --text_len;
+                                   # 0 = world.MAX_TOKENS = 48)
     pooled_text: bool = False      # model option (train.py --pooled_text); the CPU recipe's base: both, 24 tokens
     sample_batches: str = ""       # sampling batch sizes, before CFG doubles them ("" = 1,256 CUDA; 1,8 CPU)
     sample_steps: str = "1,4,28"   # Euler steps per sample
     cfg_scale: float = 3.0         # sampler guidance scale (not 1.0: the conditional and empty caption both run)
-    gemm_size: int = 0             # side of the square GEMM that measures peak FLOP/s (0 = 8192 CUDA, 1024 CPU)
-    warmup: int = 0                # untimed calls before each measurement, compilation included (0 = 5 CUDA, 1 CPU)
-    iters: int = 0                 # timed training steps and GEMMs per measurement (0 = 20 CUDA, 2 CPU)
-    sample_iters: int = 0          # timed sampler calls per (mode, batch, steps) (0 = 5 CUDA, 1 CPU)
-    out: str = ""                  # JSON written here ("" = results/bench_<device>.json)
-    seed: int = 0                  # weights, batches and noise
-    device: str = "auto"           # auto | cpu | cuda
-    compile: str = "auto"          # auto (= on for CUDA) | on | off: also time torch.compile (and CUDA graphs)
+    gemm_size: int = option(0, low=0)  # side of the square GEMM that measures peak FLOP/s (0 = 8192 CUDA, 1024 CPU)
+    warmup: int = option(0, low=0)  # untimed calls before each measurement, compilation included (0 = 5 CUDA, 1 CPU)
+    iters: int = option(0, low=0)  # timed training steps and GEMMs per measurement (0 = 20 CUDA, 2 CPU)
+    sample_iters: int = option(0, low=0)  # timed sampler calls per (mode, batch, steps) (0 = 5 CUDA, 1 CPU)
+    out: str = option("", path="outfile", suffix=(".json",))  # JSON written here ("" = results/speed/
+                                   # bench_<device>.json)
+    seed: int = option(0, low=0)   # weights, batches and noise
+    device: str = option("auto", choices=("auto", "cpu", "cuda"), device=True)  # auto | cpu | cuda
+    compile: str = option("auto", choices=("auto", "on", "off"))  # auto (= on for CUDA) | on | off: also time
+                                   # torch.compile (and CUDA graphs)
+
+    def check(self):
+        for name in ("sample_batches", "sample_steps"):
+            items = getattr(self, name).split(",") if getattr(self, name) else []
+            yield "" if all(i.isdigit() and int(i) >= 1 for i in items) else \
+                f"--{name}={getattr(self, name)}: a comma-separated list of whole numbers >= 1"
 
 
 # The defaults that depend on the device (fields left at 0 / "" / "auto"): the base model at full size on a GPU;
@@ -82,7 +93,7 @@ def forward_flops(cfg, task="t2i", batch=1, text_len=None, lora_rank=0):
       per reference token ref_embedder (customize)
       per text token     the text encoder's blocks (qkv, proj, fc1, fc2) and its proj
       per sequence token each DiT block's qkv, proj, fc1, fc2 (+ LoRA's A and B: 2 * r * (in + out) each)
-      per sample         t_embedder's MLP, every adaLN_modulation (6 D^2 per block, 2 D^2 final): they act on c
+      per sample         t_embedder's MLP, every adaLN_modulation (6 D^2 per block, 2 D^2 final), text_pool
     plus the conv head (2 * H * W * 9 * c_in * c_out per 3x3 conv) and attention, 4 * T^2 * D per layer
     (QK^T and AV, 2 T^2 D each; the text encoder's with L). Embedding lookups, norms, activations, softmax and
     residual adds are not counted, as in FlopCounterMode and the usual MFU convention.
@@ -118,7 +129,9 @@ def forward_flops(cfg, task="t2i", batch=1, text_len=None, lora_rank=0):
         + ref * linear(N, p * p * cfg.in_channels, D),
         text_encoder=cfg.text_depth * block(L) + linear(L, D, D),
         blocks=cfg.depth * block(T, lora_rank),
-        adaLN=linear(1, FREQ_DIM, D) + linear(1, D, D) + cfg.depth * linear(1, D, 6 * D) + linear(1, D, 2 * D),
+        adaLN=linear(1, FREQ_DIM, D) + linear(1, D, D) + cfg.depth * linear(1, D, 6 * D) + linear(1, D, 2 * D)
+        + cfg.pooled_text * linear(1, D, D),                                # text_pool: the pooled caption
+
         head=linear(N, D, p * p * out_channels) + (conv if cfg.conv_head else 0),
         attention=4 * D * (cfg.text_depth * L ** 2 + cfg.depth * T ** 2))
     parts = {k: batch * v for k, v in parts.items()}
@@ -250,15 +263,13 @@ def sampling_bench(cfg, env, mcfg, modes):
 
 # ----------------------------------------------------------------------------- the run
 def main(cfg):
+    check_config(cfg)
     env = setup(cfg)
     if env.world > 1:
         raise SystemExit("bench.py runs in one process (no torchrun)")
     for key, value in AUTO[env.device.type].items():
         if getattr(cfg, key) in (0, "", "auto"):
             setattr(cfg, key, value)
-    if cfg.task not in data.TASKS or cfg.preset not in PRESETS:
-        raise SystemExit(f"unknown task {cfg.task!r} (tasks: {', '.join(data.TASKS)})" if cfg.task not in data.TASKS
-                         else f"unknown preset {cfg.preset!r} ({', '.join(PRESETS)})")
     mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=cfg.text_len or world.MAX_TOKENS,
                   pooled_text=cfg.pooled_text)
     dcfg = opd.resolve(opd.Config(preset=cfg.preset, batch_size=cfg.batch_size, rollout_steps=cfg.rollout_steps,

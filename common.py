@@ -22,12 +22,23 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import DiT, DiTConfig
+from model import DiT, DiTConfig, frozen
 
 
 # ----------------------------------------------------------------------------- options
+def option(default, **rules):
+    """A Config field with the rules its value must keep, checked by `check_config` before any work:
+    choices=(...): one of these; each=(...): a comma-separated list of distinct items from these; low / high:
+    inclusive bounds, above: a strict lower bound (numbers must also be finite); required: not empty;
+    path="file" | "image": an existing file (when given); path="dir": a directory to write into; path="outfile":
+    a file to write (suffix=(...): its allowed endings); pairs=(...): KEY=PATH,... with keys from these (None: any)
+    and existing paths; device: auto | cpu | cuda, and cuda only where there is one."""
+    return dataclasses.field(default=default, metadata=rules)
+
+
 def parse_config(cfg, argv=None):
-    """Apply --key=value overrides to a dataclass config, with the field's type; unknown keys are errors."""
+    """Apply --key=value overrides to a dataclass config, with the field's type (unknown keys are errors), then
+    check every option and the relations between them (`check_config`): one line for the first problem."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     for arg in sys.argv[1:] if argv is None else argv:
         key, eq, value = arg.removeprefix("--").partition("=")
@@ -42,9 +53,81 @@ def parse_config(cfg, argv=None):
             try:
                 value = kind(value)
             except ValueError:
-                raise SystemExit(f"--{key} takes a {kind.__name__}, not {value!r}") from None
+                raise SystemExit(f"--{key} takes {'an' if kind is int else 'a'} {kind.__name__}, not {value!r}") \
+                    from None
         setattr(cfg, key, value)
+    return check_config(cfg)
+
+
+def check_config(cfg):
+    """Every field's rules (`option`), then the Config's own `check()` of relations between fields, if it has one.
+    The first problem is a SystemExit naming the option, the value and what is wrong. Returns cfg."""
+    for f in dataclasses.fields(cfg):
+        problem = check_value(f.name, getattr(cfg, f.name), f.metadata)
+        if problem:
+            raise SystemExit(f"--{f.name}={getattr(cfg, f.name)}: {problem}")
+    problems = [p for p in (cfg.check() if hasattr(cfg, "check") else []) if p]
+    if problems:
+        raise SystemExit(problems[0])
     return cfg
+
+
+def check_value(name, value, rules):
+    """What is wrong with one option's value under its rules, or "" when nothing is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if "choices" in rules and value not in rules["choices"]:
+        return "must be one of " + ", ".join(map(str, rules["choices"]))
+    if "each" in rules:
+        items = value.split(",")
+        bad = [i for i in items if i not in rules["each"]]
+        if bad or len(set(items)) < len(items):
+            return (f"unknown item {bad[0]!r}" if bad else "an item twice") + "; items: " + ", ".join(rules["each"])
+    for rule, bad, what in (("low", lambda v, b: v < b, ">="), ("high", lambda v, b: v > b, "<="),
+                            ("above", lambda v, b: v <= b, ">")):
+        if rule in rules and bad(value, rules[rule]):
+            return f"must be {what} {rules[rule]}"
+    if rules.get("required") and not value:
+        return "must not be empty"
+    if rules.get("device") and value == "cuda" and not torch.cuda.is_available():
+        return "there is no CUDA device here (use --device=cpu, or auto)"
+    kind = rules.get("path")
+    if "pairs" in rules:
+        return check_pairs(value, rules["pairs"])
+    if not value or kind is None:
+        return ""
+    if kind in ("file", "image"):
+        return "" if os.path.isfile(value) else "no such file"
+    return check_writable(value, kind, rules.get("suffix"))
+
+
+def pairs(value):
+    """KEY=PATH,KEY=PATH -> [(KEY, PATH), ...] (a bare PATH gets the key "")."""
+    return [tuple(item.rpartition("=")[::2]) for item in value.split(",") if item]
+
+
+def check_pairs(value, keys):
+    for item in filter(None, value.split(",")):
+        key, eq, path = item.rpartition("=")
+        if keys is not None and (not eq or key not in keys or not path):
+            return f"{item!r} must be KEY=PATH with KEY one of " + ", ".join(keys)
+        if not os.path.exists(path):
+            return f"no such file: {path}"
+    return ""
+
+
+def check_writable(path, kind, suffix=None):
+    """Whether `path` can be written as a directory (kind "dir") or a file ("outfile", with an allowed suffix)."""
+    if kind == "outfile" and suffix and not path.lower().endswith(tuple(suffix)):
+        return "the file name must end in " + " or ".join(suffix)
+    if os.path.exists(path) and os.path.isdir(path) != (kind == "dir"):
+        return "is a file, not a directory" if kind == "dir" else "is a directory, not a file"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, so nothing can be written under it"
+    return "" if os.access(parent, os.W_OK) else f"{parent} is not writable"
 
 
 # ----------------------------------------------------------------------------- device, precision, distribution
@@ -114,9 +197,13 @@ def cosine_lr(step, steps, lr, warmup, min_lr=0.05):
 
 # ----------------------------------------------------------------------------- checkpoints and models
 def save_checkpoint(path, **state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write a temporary file, flush it to the disk, then rename it over `path`: neither a crash nor a power loss
+    leaves a half-written or empty checkpoint (without the fsync, the rename may reach the disk before the data)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(state, path + ".tmp")
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
@@ -149,11 +236,6 @@ def load_model(path, device="cpu", weights="ema"):
     model = DiT(DiTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt[weights])
     return model.to(device).eval(), ckpt
-
-
-def frozen(module):
-    """A network that is only read (teacher, judge, reward): eval mode, no parameter takes a gradient."""
-    return module.eval().requires_grad_(False)
 
 
 def load_teacher(path, model_config, task, device):

@@ -345,60 +345,81 @@ NEEDS = {"t2i": (), "local_edit": ("source_image",), "global_edit": ("source_ima
          "outpaint": ("mask",), "customize": ("source_image",)}  # customize: source_image is the reference
 
 
-def load_manifest(path, res):
+def load_manifest(path, res, text_len=MAX_TOKENS):
     """Read a JSONL or CSV manifest of your own pairs (paths relative to the manifest) into validated examples.
 
-    Each row: task, prompt, target_image, and source_image / mask where the task needs them. Every bad row is
-    reported by number in one error. Returns a list of dicts with 'task', 'text' and tensors.
-    """
+    Each row: task, prompt, target_image, and source_image / mask where the task needs them; every value a string.
+    Every bad row is reported, as "<manifest>:<row>: <problem>" (rows counted from 1, the CSV header not counted),
+    in one ValueError. Returns a list of dicts with 'task', 'text' and tensors (`collate` makes them a Batch)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing manifest: {path}")
-    with open(path, newline="") as f:
-        if path.endswith(".jsonl"):
-            rows = [json.loads(line) if line.strip() else {} for line in f]
-        elif path.endswith(".csv"):
-            rows = [{k: v for k, v in r.items() if v} for r in csv.DictReader(f)]
-        else:
-            raise ValueError(f"manifest {path} must be .jsonl or .csv")
-    root, examples, errors = os.path.dirname(os.path.abspath(path)), [], []
+        raise ValueError(f"{path}: no such manifest file")
+    if not path.endswith((".jsonl", ".csv")):
+        raise ValueError(f"{path}: a manifest is a .jsonl or a .csv file")
+    rows, errors = [], []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.endswith(".csv"):
+                rows = [{k: v for k, v in r.items() if v} for r in csv.DictReader(f)]
+            for i, line in enumerate(f if path.endswith(".jsonl") else (), 1):
+                try:
+                    rows.append(json.loads(line) if line.strip() else {})
+                except json.JSONDecodeError as e:
+                    rows.append(None)
+                    errors.append((i, f"not a JSON object ({e.msg}, column {e.colno})"))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not a text manifest ({type(e).__name__}: {e})") from None
+    root, examples = os.path.dirname(path), []
     for i, row in enumerate(rows, 1):
+        if row is None:
+            continue  # reported above
         try:
-            if not row:
-                raise ValueError("empty row")
-            if None in row:
-                raise ValueError("more fields than the header has (quote prompts that contain commas)")
-            unknown = set(row) - set(MANIFEST_COLUMNS)
-            if unknown:
-                raise ValueError(f"unknown column {sorted(unknown)[0]!r} (columns: {', '.join(MANIFEST_COLUMNS)})")
-            task = row.get("task")
-            if task not in TASKS:
-                raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
-            missing = [c for c in ("prompt", "target_image") + NEEDS[task] if not row.get(c)]
-            if missing:
-                raise ValueError(f"missing {missing[0]} for task {task}")
-            tokenize([row["prompt"]])
-            ex = dict(task=task, text=row["prompt"], target=load_image(os.path.join(root, row["target_image"]), res))
-            for col in ("source_image", "mask"):
-                if row.get(col):
-                    ex[col] = load_image(os.path.join(root, row[col]), res, mask=col == "mask")
-            examples.append(ex)
-        except (ValueError, FileNotFoundError) as e:
-            errors.append(f"row {i}: {e}")
+            examples.append(_example(row, root, res, text_len))
+        except ValueError as e:
+            errors.append((i, str(e)))
     if errors:
-        raise ValueError(f"{path}: {len(errors)} bad row(s):\n  " + "\n  ".join(errors))
+        raise ValueError(f"{len(errors)} bad row(s) in {path}:\n  " + "\n  ".join(f"{path}:{i}: {e}"
+                                                                                 for i, e in sorted(errors)))
     if not examples:
         raise ValueError(f"{path}: no rows")
     return examples
 
 
-def collate(examples, device="cpu"):
+def _example(row, root, res, text_len):
+    """One manifest row -> an example dict; a ValueError naming the problem otherwise."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object with the columns {', '.join(MANIFEST_COLUMNS)}")
+    if not row:
+        raise ValueError("empty row")
+    if None in row:
+        raise ValueError("more fields than the header has (quote prompts that contain commas)")
+    unknown = set(row) - set(MANIFEST_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown column {sorted(unknown)[0]!r} (columns: {', '.join(MANIFEST_COLUMNS)})")
+    wrong = [k for k, v in row.items() if not isinstance(v, str)]
+    if wrong:
+        raise ValueError(f"{wrong[0]} must be a string, not {type(row[wrong[0]]).__name__}")
+    task = row.get("task")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+    missing = [c for c in ("prompt", "target_image") + NEEDS[task] if not row.get(c)]
+    if missing:
+        raise ValueError(f"missing {missing[0]} for task {task}")
+    tokenize([row["prompt"]], text_len)
+    ex = dict(task=task, text=row["prompt"], target=load_image(os.path.join(root, row["target_image"]), res))
+    for col in ("source_image", "mask"):
+        if row.get(col):
+            ex[col] = load_image(os.path.join(root, row[col]), res, mask=col == "mask")
+    return ex
+
+
+def collate(examples, device="cpu", text_len=MAX_TOKENS):
     """Manifest examples of one task -> a Batch shaped exactly like make_batch's."""
     task = examples[0]["task"]
     if any(e["task"] != task for e in examples):
         raise ValueError("a batch holds one task; group manifest rows by task first")
     st = lambda key: torch.stack([e[key] for e in examples]).to(device)
-    b = Batch(task, [e["text"] for e in examples], tokenize([e["text"] for e in examples]).to(device), st("target"),
-              specs=[None] * len(examples), sources=[None] * len(examples))
+    b = Batch(task, [e["text"] for e in examples], tokenize([e["text"] for e in examples], text_len).to(device),
+              st("target"), specs=[None] * len(examples), sources=[None] * len(examples))
     if task in ("local_edit", "global_edit"):
         b.cond = torch.cat([st("source_image"), torch.zeros_like(b.target[:, :1])], 1)
     elif task in ("inpaint", "outpaint"):

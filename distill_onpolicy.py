@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 import data
 import world
-from common import (load_checkpoint, load_model, load_teacher, model_inputs, parse_config, peek, save_checkpoint,
-                    setup, step_generator, wants_cuda)
-from evaluate import check_name, evaluate_task, write_results
+from common import (check_config, load_checkpoint, load_model, load_teacher, model_inputs, option, pairs,
+                    parse_config, peek, save_checkpoint, setup, step_generator, wants_cuda)
+from evaluate import evaluate_task, name_problem, write_results
 from model import DiT, PRESETS, add_lora, merged_copy
 from sample import guided_velocity, interpolate, rollout, timesteps
 from train import preset_model_config, prerequisite, scene_objects
@@ -47,40 +47,67 @@ from train import preset_model_config, prerequisite, scene_objects
 
 @dataclass
 class Config:
-    preset: str = "auto"           # model preset: tiny | small | base (auto = base on CUDA, small on the CPU)
-    out: str = ""                  # run directory: ckpt.pt (the merged student), log.jsonl ("" = out/<preset>/danceopd)
+    preset: str = option("auto", choices=("auto",) + tuple(PRESETS))  # tiny | small | base (auto = base on CUDA,
+                                   # small on the CPU)
+    out: str = option("", path="dir")  # run directory: ckpt.pt (the merged student), log.jsonl ("" = out/<preset>/
+                                   # danceopd)
     resume: bool = False           # continue out/ckpt.pt to `steps`
-    base: str = ""                 # the base = T2I teacher = student init, unless --init ("" = out/<preset>/base/
-                                   # ckpt.pt, built from train.RECIPES if missing; a path given must exist)
-    experts: str = ""              # TASK=PATH,... of the other teachers (a task not named: the base's expert,
-                                   # <base dir>/experts/<task>/ckpt.pt, built from train.RECIPES if missing)
-    init: str = ""                 # the student's start ("" = the base; e.g. joint SFT: a student that already edits)
-    tasks: str = "t2i,local_edit,global_edit"  # the capabilities routed to, one teacher each
-    steps: int = 0                 # distillation steps (0 = DEFAULTS: 300 on CPU, 400 at base; paper: 3000)
-    stop_at: int = 0               # stop (and checkpoint) after this step, as an interrupted run would (0 = steps)
-    batch_size: int = 0            # rollouts per step, all from the routed task (0 = DEFAULTS: 16 on CPU, 64 at base)
-    lr: float = 0.0                # AdamW learning rate, constant (0 = DEFAULTS: 1e-3 on CPU, 3e-4 at base; paper: 2e-4)
-    weight_decay: float = 0.0      # AdamW weight decay (paper: 0)
-    grad_clip: float = 1.0         # max global grad norm (paper: 1.0)
-    lora_rank: int = 32            # student LoRA rank (paper: 128 on a much wider model); 0 = full fine-tune
+    base: str = option("", path="file")  # the base = T2I teacher = student init, unless --init ("" = out/<preset>/
+                                   # base/ckpt.pt, built from train.RECIPES if missing; a path given must exist)
+    experts: str = option("", pairs=data.TASKS)  # TASK=PATH,... of the other teachers (a task not named: the
+                                   # base's expert, <base dir>/experts/<task>/ckpt.pt, built from train.RECIPES)
+    init: str = option("", path="file")  # the student's start ("" = the base; e.g. joint SFT: one that already edits)
+    tasks: str = option("t2i,local_edit,global_edit", each=data.TASKS)  # the capabilities routed to, one teacher each
+    steps: int = option(0, low=0)  # distillation steps (0 = DEFAULTS: 300 on CPU, 400 at base; paper: 3000)
+    stop_at: int = option(0, low=0)  # stop (and checkpoint) after this step, as an interrupted run would (0 = steps)
+    batch_size: int = option(0, low=0)  # rollouts per step, all from the routed task (0 = DEFAULTS: 16 CPU, 64 base)
+    lr: float = option(0.0, low=0)  # AdamW learning rate, constant (0 = DEFAULTS: 1e-3 CPU, 3e-4 base; paper: 2e-4)
+    weight_decay: float = option(0.0, low=0)  # AdamW weight decay (paper: 0)
+    grad_clip: float = option(1.0, above=0)  # max global grad norm (paper: 1.0)
+    lora_rank: int = option(32, low=0)  # student LoRA rank (paper: 128 on a much wider model); 0 = full fine-tune
     lora_scale: float = 1.0        # LoRA scale (alpha / r)
-    rollout_steps: int = 16        # Euler steps of the student rollout (and of evaluation)
-    query_k: int = 1               # query states per rollout, drawn independently (paper ablation: 1 vs 4 vs 16)
-    query: str = "beta"            # query position: beta = Beta(5,2) | median | high | low | uniform | curriculum
-    mode: str = "onpolicy"         # onpolicy | offpolicy (forward-noised data) | dense (all states, dt^2/2)
-    routing: str = "hard"          # hard (the routed teacher) | soft (average of all teachers)
-    rollin: float = 0.0            # DAgger roll-in: P(a rollout step is the teacher's), falling linearly to 0 (0 = off)
+    rollout_steps: int = option(16, low=1)  # Euler steps of the student rollout (and of evaluation)
+    query_k: int = option(1, low=1)  # query states per rollout, drawn independently (paper: 1 vs 4 vs 16)
+    query: str = option("beta", choices=("beta", "median", "high", "low", "uniform", "curriculum"))  # query position
+                                   # (QUERY below): beta = Beta(5, 2) | median | high | low | uniform | curriculum
+    mode: str = option("onpolicy", choices=("onpolicy", "offpolicy", "dense"))  # onpolicy | offpolicy (forward-
+                                   # noised data) | dense (all states, dt^2/2)
+    routing: str = option("hard", choices=("hard", "soft"))  # hard (the routed teacher) | soft (mean of all teachers)
+    rollin: float = option(0.0, low=0, high=1)  # DAgger roll-in: P(a rollout step is the teacher's), falling
+                                   # linearly to 0 (0 = off)
     cfg_alpha: float = 1.0         # CFG absorption: teacher guided with alpha, student unguided (1.0 = off)
-    log_every: int = 50            # steps between log lines (loss, field error on fixed probes)
-    ckpt_every: int = 500          # steps between checkpoints (and one at the end)
-    eval_n: int = 128              # test examples per task for the final table (0 = skip)
+    log_every: int = option(50, low=1)  # steps between log lines (loss, field error on fixed probes)
+    ckpt_every: int = option(500, low=1)  # steps between checkpoints (and one at the end)
+    eval_n: int = option(128, low=0)  # test examples per task for the final table (0 = skip)
     merged: bool = True            # also score the weight average of the teachers (weight-merging baseline)
-    compare: str = ""              # extra rows in the table: LABEL=PATH,... (e.g. joint SFT from train.py)
+    compare: str = option("", pairs=None)  # extra rows in the table: LABEL=PATH,... (e.g. joint SFT from train.py)
     name: str = "danceopd"         # results/danceopd/<name>.md and .json
-    seed: int = 0                  # everything random is a function of (seed, step)
-    device: str = "auto"           # auto | cpu | cuda
-    compile: str = "auto"          # auto (= on for CUDA) | on | off
+    seed: int = option(0, low=0)   # everything random is a function of (seed, step)
+    device: str = option("auto", choices=("auto", "cpu", "cuda"), device=True)  # auto | cpu | cuda
+    compile: str = option("auto", choices=("auto", "on", "off"))  # auto (= on for CUDA) | on | off
     quiet: bool = False            # no progress bars
+
+    def check(self):
+        """Relations between options, before anything is built or trained."""
+        cfg = resolve(self)
+        ckpt = os.path.join(cfg.out, "ckpt.pt")
+        yield name_problem(f"danceopd/{cfg.name}")
+        yield f"--stop_at={cfg.stop_at} is beyond --steps={cfg.steps}" if cfg.stop_at > cfg.steps else ""
+        yield "" if all(label for label, _ in pairs(cfg.compare)) else "--compare takes LABEL=PATH,..."
+        if cfg.resume and not os.path.exists(ckpt):
+            yield f"--resume: there is no {ckpt} to continue (leave --resume out to start it)"
+        elif cfg.resume:
+            made = peek(ckpt)
+            yield f"{ckpt} is not a --preset={cfg.preset} run of this script" \
+                if made.get("config", {}).get("preset") != cfg.preset else ""
+            yield (f"--resume: {ckpt} is at step {made.get('step')}, beyond --steps={cfg.steps} (a resume only goes "
+                   f"forward)") if made.get("step", 0) > cfg.steps else ""
+            rank = made.get("config", {}).get("lora_rank") if "student" in made else "no student"
+            yield "" if rank == cfg.lora_rank else \
+                f"{ckpt} is not a run of this script with --lora_rank={cfg.lora_rank} (it has {rank})"
+        else:
+            yield f"{ckpt} exists: pass --resume to continue it, or choose another --out" \
+                if os.path.exists(ckpt) else ""
 
 
 # Query position u in [0, 1) -> state index floor(u * n). sample.timesteps runs from t=1 (noise) down to t=0, so
@@ -90,7 +117,6 @@ class Config:
 # high-t ablations; low = always the last state before the final step (t = 1/n); uniform = Beta(1, 1); curriculum
 # = high with probability 1 - step / steps, else beta: the noise end (where edits are decided) first.
 QUERY = {"beta": (5, 2), "median": (5, 5), "high": (2, 5), "uniform": (1, 1), "low": None, "curriculum": None}
-MODES, ROUTINGS = ("onpolicy", "offpolicy", "dense"), ("hard", "soft")
 
 # ----------------------------------------------------------------------------- the method
 def get_batch(cfg, tasks, step, res, device, text_len=world.MAX_TOKENS, n_objects=None):
@@ -193,35 +219,55 @@ def merge_weights(state_dicts):
 
 
 
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
+    """Score the student, every teacher, the merged teachers and --compare checkpoints on every task (same
+    seeds, exact scorer); print and write results/danceopd/<name>.md and .json. Returns {label: {task: metrics}}."""
+    models = {cfg.name: (student, 1.0)}  # label -> (model, CFG scale); teachers at the alpha they taught with
+    for task, teacher in teachers.items():
+        models.setdefault("base (t2i teacher)" if task == "t2i" else f"{task} teacher", (teacher, cfg.cfg_alpha))
+    if cfg.merged and len(teachers) > 1:
+        merged = copy.deepcopy(next(iter(teachers.values())))
+        merged.load_state_dict(merge_weights([m.state_dict() for m in teachers.values()]))
+        models["merged teachers"] = (merged, 1.0)
+    for label, path in pairs(cfg.compare):
+        models[label] = (load_model(path, device)[0], 1.0)
+    res, results = student.config.image_size, {}
+    for label, (model, scale) in tqdm(models.items(), desc="evaluate", disable=cfg.quiet):
+        results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, n_objects=n_objects,
+                                           steps=cfg.rollout_steps, cfg_scale=scale) for t in tasks}
+        for r in results[label].values():  # a graded companion to the all-or-nothing success
+            r["attributes"] = sum(r[k] for k in ATTRIBUTES if k in r) / sum(k in r for k in ATTRIBUTES)
+        results[label]["average"] = {k: sum(results[label][t][k] for t in tasks) / len(tasks)
+                                     for k in ("success", "attributes")}
+    columns = tasks + ["average"]
+    lines = [f"Exact-scorer success / mean attribute accuracy of the DanceOPD student and its references, {cfg.eval_n} "
+             f"test examples per task, {cfg.rollout_steps} Euler steps, t2i scenes of {n_objects or '1-3'} "
+             f"object(s); student unguided, teachers at CFG {cfg.cfg_alpha}. Student: {cfg.mode}, {cfg.routing} "
+             f"routing, query {cfg.query} K={cfg.query_k}, {cfg.steps} steps. Command: `python distill_onpolicy.py "
+             f"{command_args(cfg)}`", "",
+             "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(f"{r[c]['success']:.3f} / {r[c]['attributes']:.3f}" for c in columns) + " |"
+              for label, r in results.items()]
+    write_results(f"danceopd/{cfg.name}", lines, dict(config=dataclasses.asdict(cfg), teachers=paths, results=results))
+    return results
+
+
+def command_args(cfg):
+    """The command's flags that reproduce a run: its preset (auto differs by device), then every --key=value
+    that differs from the preset's defaults."""
+    default = resolve(Config(device=cfg.device, preset=cfg.preset))
+    return " ".join([f"--preset={cfg.preset}"] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
+                                                  if k != "preset" and getattr(default, k) != v])
+
+
 # ----------------------------------------------------------------------------- the run
 # Distillation steps, batch and learning rate when left at 0, per preset: small (and tiny, for tests) the CPU run,
 # base the one-GPU run (docs/danceopd.md). The base and the experts come from train.RECIPES.
 DEFAULTS = dict(tiny=dict(steps=300, batch_size=16, lr=1e-3), small=dict(steps=300, batch_size=16, lr=1e-3),
                 base=dict(steps=400, batch_size=64, lr=3e-4))
 ATTRIBUTES = ("shape", "color", "size", "cell", "line", "count", "horizon", "sky", "ground")  # scorer's per-attribute
-
-
-def check_config(cfg):
-    """One-line errors for bad input, before any work."""
-    tasks = cfg.tasks.split(",")
-    bad = [t for t in tasks if t not in data.TASKS]
-    problems = [f"unknown task {bad[0]!r} (tasks: {', '.join(data.TASKS)})" if bad else "",
-                f"--tasks has a task twice: {cfg.tasks}" if len(set(tasks)) < len(tasks) else "",
-                f"unknown preset {cfg.preset!r} (auto, {', '.join(PRESETS)})"
-                if cfg.preset not in ("auto", *PRESETS) else "",
-                f"--mode is one of {', '.join(MODES)}, not {cfg.mode!r}" if cfg.mode not in MODES else "",
-                f"--routing is hard or soft, not {cfg.routing!r}" if cfg.routing not in ROUTINGS else "",
-                f"--query is one of {', '.join(QUERY)}, not {cfg.query!r}" if cfg.query not in QUERY else "",
-                "--query_k and --rollout_steps must be >= 1" if min(cfg.query_k, cfg.rollout_steps) < 1 else "",
-                "--batch_size, --steps and --lr must be >= 0 (0 = the preset's)"
-                if min(cfg.batch_size, cfg.steps, cfg.lr) < 0 else "",
-                "--lora_rank >= 0, --rollin in [0, 1]" if cfg.lora_rank < 0 or not 0 <= cfg.rollin <= 1 else ""]
-    check_name(f"danceopd/{cfg.name}")
-    problems += [f"--experts/--compare take LABEL=PATH,..., not {item!r}" for item in
-                 (cfg.experts + "," + cfg.compare).split(",") if item and not item.partition("=")[2]]
-    if any(problems):
-        raise SystemExit(next(p for p in problems if p))
-    return tasks
 
 
 def resolve(cfg):
@@ -234,20 +280,16 @@ def resolve(cfg):
 
 
 def train(cfg):
-    tasks = check_config(cfg)
-    cfg = resolve(cfg)
+    check_config(cfg)  # options and their relations, before anything is built (parse_config checks them too)
+    tasks, cfg = cfg.tasks.split(","), resolve(cfg)
     env = setup(cfg)
     if env.world > 1:
         raise SystemExit("distill_onpolicy.py runs in one process (no torchrun)")
     ckpt_path, start = os.path.join(cfg.out, "ckpt.pt"), 0
-    if cfg.resume and peek(ckpt_path).get("config", {}).get("preset") != cfg.preset:  # before building anything
-        raise SystemExit(f"{ckpt_path} is not a --preset={cfg.preset} run of this script")
-    if not cfg.resume and os.path.exists(ckpt_path):
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
     run = dict(device=cfg.device, compile=cfg.compile, quiet=cfg.quiet)
     base = prerequisite(cfg.preset, "base", cfg.base, **run)
     mcfg = preset_model_config(base, cfg.preset)  # the teachers and the student take the base's model config
-    named = dict(item.split("=", 1) for item in cfg.experts.split(",") if item)
+    named = dict(pairs(cfg.experts))
     paths = {t: base if t == "t2i" else prerequisite(cfg.preset, t, named.get(t, ""), base, **run) for t in tasks}
     base_ckpt, n_objects = load_checkpoint(base, mcfg), scene_objects(base)
     teachers = {task: load_teacher(paths[task], mcfg, task, env.device) for task in tasks}
@@ -258,9 +300,6 @@ def train(cfg):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=env.device.type == "cuda")
     if cfg.resume:
         ck = load_checkpoint(ckpt_path, mcfg)
-        rank = ck.get("config", {}).get("lora_rank") if "student" in ck else "no student"
-        if rank != cfg.lora_rank:
-            raise SystemExit(f"{ckpt_path} is not a run of this script with --lora_rank={cfg.lora_rank} ({rank})")
         student.load_state_dict(ck["student"]), opt.load_state_dict(ck["opt"])
         start = ck["step"]
     # compiled modules for the hot loop; save, merge and evaluate from the plain ones
@@ -314,50 +353,6 @@ def train(cfg):
         log.write(json.dumps(dict(step=cfg.steps, eval=results)) + "\n")
     log.close()
     return ckpt_path
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
-    """Score the student, every teacher, the merged teachers and --compare checkpoints on every task (same
-    seeds, exact scorer); print and write results/danceopd/<name>.md and .json. Returns {label: {task: metrics}}."""
-    models = {cfg.name: (student, 1.0)}  # label -> (model, CFG scale); teachers at the alpha they taught with
-    for task, teacher in teachers.items():
-        models.setdefault("base (t2i teacher)" if task == "t2i" else f"{task} teacher", (teacher, cfg.cfg_alpha))
-    if cfg.merged and len(teachers) > 1:
-        merged = copy.deepcopy(next(iter(teachers.values())))
-        merged.load_state_dict(merge_weights([m.state_dict() for m in teachers.values()]))
-        models["merged teachers"] = (merged, 1.0)
-    for item in filter(None, cfg.compare.split(",")):
-        label, _, path = item.partition("=")
-        models[label] = (load_model(path, device)[0], 1.0)
-    res, results = student.config.image_size, {}
-    for label, (model, scale) in tqdm(models.items(), desc="evaluate", disable=cfg.quiet):
-        results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, n_objects=n_objects,
-                                           steps=cfg.rollout_steps, cfg_scale=scale) for t in tasks}
-        for r in results[label].values():  # a graded companion to the all-or-nothing success
-            r["attributes"] = sum(r[k] for k in ATTRIBUTES if k in r) / sum(k in r for k in ATTRIBUTES)
-        results[label]["average"] = {k: sum(results[label][t][k] for t in tasks) / len(tasks)
-                                     for k in ("success", "attributes")}
-    columns = tasks + ["average"]
-    lines = [f"Exact-scorer success / mean attribute accuracy of the DanceOPD student and its references, {cfg.eval_n} "
-             f"test examples per task, {cfg.rollout_steps} Euler steps, t2i scenes of {n_objects or '1-3'} "
-             f"object(s); student unguided, teachers at CFG {cfg.cfg_alpha}. Student: {cfg.mode}, {cfg.routing} "
-             f"routing, query {cfg.query} K={cfg.query_k}, {cfg.steps} steps. Command: `python distill_onpolicy.py "
-             f"{command_args(cfg)}`", "",
-             "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {label} | " + " | ".join(f"{r[c]['success']:.3f} / {r[c]['attributes']:.3f}" for c in columns) + " |"
-              for label, r in results.items()]
-    write_results(f"danceopd/{cfg.name}", lines, dict(config=dataclasses.asdict(cfg), teachers=paths, results=results))
-    return results
-
-
-def command_args(cfg):
-    """The command's flags that reproduce a run: its preset (auto differs by device), then every --key=value
-    that differs from the preset's defaults."""
-    default = resolve(Config(device=cfg.device, preset=cfg.preset))
-    return " ".join([f"--preset={cfg.preset}"] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
-                                                  if k != "preset" and getattr(default, k) != v])
 
 
 if __name__ == "__main__":

@@ -19,26 +19,39 @@ import torch
 import data
 import scorer
 import world
-from common import load_model, model_inputs, parse_config, wants_cuda
+from common import check_config, load_model, model_inputs, option, pairs, parse_config, peek, wants_cuda
 from sample import euler, rollout, x0_from_v
 
 
 @dataclass
 class Config:
-    ckpts: str = ""               # comma-separated checkpoints, each PATH or LABEL=PATH
-    tasks: str = "t2i"            # comma-separated tasks to score (a checkpoint not trained for one gets "-")
-    n: int = 200                  # examples per task and split
-    batch_size: int = 100         # sampling batch
-    steps: int = 16               # Euler steps
+    ckpts: str = option("", pairs=None, required=True)  # comma-separated checkpoints, each PATH or LABEL=PATH
+    tasks: str = option("t2i", each=data.TASKS)  # tasks to score (a checkpoint not trained for one gets "-")
+    n: int = option(200, low=1)   # examples per task and split
+    batch_size: int = option(100, low=1)  # sampling batch
+    steps: int = option(16, low=1)  # Euler steps
     cfg_scale: float = 1.0        # classifier-free guidance
-    seed: int = 0                 # data and noise seed (the same for every checkpoint)
-    name: str = "eval"            # results/<name>.md and results/<name>.json
-    shape_probe: int = 0          # t2i: also draw this many 1-object scenes once per shape word (0 = off)
-    teachers: str = ""            # handover probe: TASK=PATH,...; each checkpoint and its task's teacher share rollouts
+    seed: int = option(0, low=0)  # data and noise seed (the same for every checkpoint)
+    name: str = "eval"            # results/<name>.md and results/<name>.json (a name, or TOPIC/NAME)
+    shape_probe: int = option(0, low=0)  # t2i: also draw this many 1-object scenes once per shape word (0 = off)
+    teachers: str = option("", pairs=data.TASKS)  # handover probe: TASK=PATH,...; each checkpoint and its task's
+                                  # teacher share rollouts
     handover_at: str = "0,1,2,4,8,12,16"  # the Euler steps at which the probe hands one model's state to the other
                                   # ("" = no handover probe)
     source_probe: bool = False    # with --teachers: how much each model's x0 estimate follows the source, per state
-    device: str = "auto"          # auto | cpu | cuda
+    device: str = option("auto", choices=("auto", "cpu", "cuda"), device=True)  # auto | cpu | cuda
+
+    def check(self):
+        yield name_problem(self.name)
+        steps_at = [k.strip() for k in self.handover_at.split(",") if k.strip()]
+        yield "" if all(k.isdigit() and int(k) <= self.steps for k in steps_at) or not self.teachers else \
+            f"--handover_at={self.handover_at}: each step must be a whole number in 0..{self.steps} (--steps)"
+        yield "--source_probe=true needs --teachers=TASK=PATH,... (the probe runs on their rollouts)" \
+            if self.source_probe and not self.teachers else ""
+        for label, path in pairs(self.ckpts):  # each must be a checkpoint trained for one of the tasks
+            trained = peek(path).get("tasks", [])
+            yield "" if set(trained) & set(self.tasks.split(",")) else \
+                f"{path} was trained for {', '.join(trained) or 'no task'}, none of --tasks={self.tasks}"
 
 
 # (label, split, n_objects) of the t2i rows; other tasks are scored on the test split. A model that reads shorter
@@ -166,12 +179,17 @@ def source_lines(label, task, r):
 
 
 # ----------------------------------------------------------------------------- results tables
-def check_name(name):
-    """A results name is a file name, optionally in one topic folder ("danceopd/ablation"): no path tricks."""
+def name_problem(name):
+    """What is wrong with a results name, or "": a file name, optionally in one topic folder ("danceopd/ablation")."""
     parts = name.split("/")
     if not name or len(parts) > 2 or any(not p or p.startswith(".") or "\\" in p for p in parts):
-        raise SystemExit(f"--name={name!r} must be a file name or TOPIC/NAME: results go to results/<name>.md and "
-                         ".json")
+        return f"--name={name!r} must be a file name or TOPIC/NAME: results go to results/<name>.md and .json"
+    return ""
+
+
+def check_name(name):
+    if name_problem(name):
+        raise SystemExit(name_problem(name))
 
 
 def write_results(name, lines, payload):
@@ -191,24 +209,13 @@ HEADLINE = {"psnr_outside": "PSNR out", "seam_error": "seam", "concept_debiased"
 
 
 def main(cfg):
+    check_config(cfg)
     device = "cuda" if wants_cuda(cfg.device) else "cpu"
     tasks = cfg.tasks.split(",")
-    bad = [t for t in tasks if t not in data.TASKS]
-    if bad or not cfg.ckpts:
-        raise SystemExit(f"unknown task {bad[0]!r}" if bad else "--ckpts=PATH[,PATH...] is required")
-    check_name(cfg.name)
     results, probes, handovers, sources = {}, {}, {}, {}
-    teachers = dict(item.split("=", 1) for item in cfg.teachers.split(",")) if cfg.teachers else {}
-    if any(t not in data.TASKS for t in teachers) or any(not p for p in teachers.values()):
-        raise SystemExit(f"--teachers={cfg.teachers!r} must be TASK=PATH,... with tasks from {data.TASKS}")
-    steps_at = [int(k) if k.strip().isdigit() else -1 for k in cfg.handover_at.split(",") if k.strip()]
-    if cfg.source_probe and not teachers:
-        raise SystemExit("--source_probe=true needs --teachers=TASK=PATH,... (the probe runs on their rollouts)")
-    if teachers and any(not 0 <= k <= cfg.steps for k in steps_at):
-        raise SystemExit(f"--handover_at={cfg.handover_at!r}: each step must lie in 0..{cfg.steps}")
-    teachers = {task: load_model(path, device)[0] for task, path in teachers.items()}  # loaded once
-    for item in cfg.ckpts.split(","):
-        label, _, path = item.rpartition("=")
+    steps_at = [int(k) for k in cfg.handover_at.split(",") if k.strip()]
+    teachers = {task: load_model(path, device)[0] for task, path in pairs(cfg.teachers)}  # loaded once
+    for label, path in pairs(cfg.ckpts):
         label = label or os.path.basename(os.path.dirname(path)) or path
         model, ckpt = load_model(path, device)
         res, results[label] = model.config.image_size, {}
@@ -253,7 +260,8 @@ def main(cfg):
         lines += handover_lines(label, task, h, cfg.steps)
     for (label, task), r in sources.items():
         lines += source_lines(label, task, r)
-    write_results(cfg.name, lines, dict(config=vars(cfg), results=results, **({"shape_probe": probes} if probes else {}),
+    write_results(cfg.name, lines, dict(config=vars(cfg), results=results,
+                                        **({"shape_probe": probes} if probes else {}),
                   **({"handover": {f"{l} {t}": h for (l, t), h in handovers.items()}} if handovers else {}),
                   **({"source_probe": {f"{l} {t}": r for (l, t), r in sources.items()}} if sources else {})))
     return results

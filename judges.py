@@ -26,49 +26,65 @@ import world
 import scorer
 from rewards import (Aesthetic, Alignment, aesthetic_batch, alignment_batch, alignment_loss, bt_loss, load_reward,
                      pairwise_accuracy, pairwise_by_change, preference_pairs, retrieval_accuracy)
-from common import load_model, model_inputs, parse_config, save_checkpoint, setup
+from common import check_config, load_model, model_inputs, option, parse_config, save_checkpoint, setup
 from sample import euler
-from vlm import Judge, build_vlm, load_judge  # the VLM itself lives in vlm.py; judges.Judge etc. stay valid
+from vlm import VLM_PRESETS, Judge, build_vlm, load_judge  # the VLM itself lives in vlm.py
 
 
 @dataclass
 class Config:
-    preset: str = "small"          # judge sizes (VLM_PRESETS, REWARD_PRESETS): tiny (tests, seconds) | small (CPU)
-    what: str = "vlm,alignment,aesthetic"  # which judges to build and evaluate
-    out: str = ""                  # cache directory ("" = out/judges/<preset>); cached judges are loaded, not retrained
+    preset: str = option("small", choices=tuple(VLM_PRESETS))  # judge sizes (VLM_PRESETS, REWARD_PRESETS): tiny
+                                   # (tests, seconds) | small (CPU)
+    what: str = option("vlm,alignment,aesthetic", each=("vlm", "alignment", "aesthetic"))  # judges to build and
+                                   # evaluate
+    out: str = option("", path="dir")  # cache directory ("" = out/judges/<preset>, the recipe's judges only); cached
+                                   # judges are loaded, not retrained
     retrain: bool = False          # train even when a cached judge exists
-    res: int = 32                  # image side of the training data and of the rewards' input (the VLM's: its
+    res: int = option(32, low=8)   # image side of the training data and of the rewards' input (the VLM's: its
                                    # preset's size); other sizes are resized differentiably
-    families: str = "all"          # question families to train and evaluate (data.FAMILIES), comma-separated
-    vlm_tower_steps: int = 600     # phase 0: the vision tower learns each cell's attributes (TowerHeads)
-    vlm_tower_lr: float = 1e-3     # phase 0's peak learning rate
+    families: str = option("all", each=("all",) + data.FAMILIES)  # question families to train and evaluate
+                                   # (data.FAMILIES), comma-separated
+    vlm_tower_steps: int = option(600, low=0)  # phase 0: the vision tower learns each cell's attributes (TowerHeads)
+    vlm_tower_lr: float = option(1e-3, above=0)  # phase 0's peak learning rate
     vlm_tower_frozen: bool = False # phases 1-2 leave the tower as phase 0 made it (LLaVA freezes its CLIP tower)
-    vlm_caption_steps: int = 600   # phase 1: teacher-forced captions
-    vlm_vqa_steps: int = 2400      # phase 2: yes/no questions of every family + the statement loss
-    statement_weight: float = 1.0  # phase 2: weight of the LM loss on the true questions (see vqa_loss)
-    vlm_rehearsal: float = 1.0     # phase 2: weight of a caption loss (half a batch) kept beside the yes/no loss
-    vlm_batch: int = 72            # examples per step (phase 2: an equal share per one-image family)
+    vlm_caption_steps: int = option(600, low=0)  # phase 1: teacher-forced captions
+    vlm_vqa_steps: int = option(2400, low=0)  # phase 2: yes/no questions of every family + the statement loss
+    statement_weight: float = option(1.0, low=0)  # phase 2: weight of the LM loss on the true questions (vqa_loss)
+    vlm_rehearsal: float = option(1.0, low=0)  # phase 2: weight of a caption loss (half a batch) beside yes/no
+    vlm_batch: int = option(72, low=8)  # examples per step (phase 2: an equal share per one-image family)
     vlm_family_batch: str = "same:48,size:24"  # phase 2: questions per step of the families that need more than an
                                    # equal share (see vqa_step_loss)
-    vlm_lr: float = 3e-4           # peak AdamW learning rate (warm-up, then cosine, per phase)
-    reward_steps: int = 1500       # optimizer steps of the aesthetic model
-    reward_batch: int = 32         # images (pairs) per step
-    align_captions: int = 16       # alignment: captions per image, the matching one + one-attribute mismatches
-    align_steps: int = 6000        # alignment: contrastive steps (after its tower phase)
-    align_tower_steps: int = 600   # alignment: phase 0 of its CLIP vision tower (TowerHeads, vlm_tower_lr)
-    align_pool: str = "mean"       # alignment: embed the mean of each tower's tokens | token (EOS / class token)
+    vlm_lr: float = option(3e-4, above=0)  # peak AdamW learning rate (warm-up, then cosine, per phase)
+    reward_steps: int = option(1500, low=1)  # optimizer steps of the aesthetic model
+    reward_batch: int = option(32, low=2)  # images (pairs) per step
+    align_captions: int = option(16, low=2)  # alignment: captions per image, the matching one + mismatches
+    align_steps: int = option(6000, low=1)  # alignment: contrastive steps (after its tower phase)
+    align_tower_steps: int = option(600, low=0)  # alignment: phase 0 of its CLIP vision tower (TowerHeads)
+    align_pool: str = option("mean", choices=("mean", "token"))  # alignment: embed the mean of each tower's tokens |
+                                   # token (EOS / class token)
     align_scene_code: bool = False # alignment: in its tower phase both towers' embeddings also name the whole scene
                                    # through one shared head (TowerHeads.code)
-    reward_lr: float = 2e-3        # peak AdamW learning rate of the reward models
-    warmup: int = 50               # linear warm-up steps
-    grad_clip: float = 1.0         # max global grad norm
-    eval_n: int = 200              # held-out examples per VLM family / retrieval images / aesthetic pairs
-    agreement_ckpt: str = ""       # a generator checkpoint: measure VLM vs exact-parser agreement on its samples
-    results: str = "results/judges"  # where judges.json and judges.png go
-    seed: int = 0                  # data and initial weights
-    device: str = "auto"           # auto | cpu | cuda
-    compile: str = "off"           # read by common.setup; the judges run eagerly
+    reward_lr: float = option(2e-3, above=0)  # peak AdamW learning rate of the reward models
+    warmup: int = option(50, low=1)  # linear warm-up steps
+    grad_clip: float = option(1.0, above=0)  # max global grad norm
+    eval_n: int = option(200, low=1)  # held-out examples per VLM family / retrieval images / aesthetic pairs
+    agreement_ckpt: str = option("", path="file")  # a generator checkpoint: VLM vs exact-parser agreement on its
+                                   # samples
+    results: str = option("results/judges", path="dir", required=True)  # where judges.json and judges.png go
+    seed: int = option(0, low=0)   # data and initial weights
+    device: str = option("auto", choices=("auto", "cpu", "cuda"), device=True)  # auto | cpu | cuda
+    compile: str = option("off", choices=("off",))  # the judges run eagerly
     quiet: bool = False            # no progress bars
+
+    def check(self):
+        try:
+            family_batch(self)
+        except ValueError as e:
+            yield str(e)
+        if not self.out:  # the shared cache holds the recipe's judges only
+            changed = [k for k in RECIPE_FIELDS if getattr(self, k) != getattr(Config(), k)]
+            yield (f"--{changed[0]} differs from the recipe of the shared judges in out/judges/{self.preset}: pass "
+                   "--out=DIR for this judge") if changed else ""
 
 
 # ----------------------------------------------------------------------------- training the VLM
@@ -196,7 +212,7 @@ def family_batch(cfg):
     for item in filter(None, cfg.vlm_family_batch.split(",")):
         family, _, k = item.partition(":")
         if family not in data.FAMILIES or not k.isdigit() or int(k) < 2:
-            raise SystemExit(f"bad --vlm_family_batch item {item!r}: family:count, families from {data.FAMILIES}, "
+            raise ValueError(f"bad --vlm_family_batch item {item!r}: family:count, families from {data.FAMILIES}, "
                              "count >= 2")
         counts[family] = int(k)
     return counts
@@ -362,12 +378,7 @@ RECIPE_FIELDS = ("res", "families", "vlm_tower_steps", "vlm_tower_lr", "vlm_towe
 
 
 def judge_path(cfg, kind):
-    """Where judge `kind` is cached: --out, or out/judges/<preset>/ (the shared cache, the recipe's judges only)."""
-    if not cfg.out:
-        changed = [k for k in RECIPE_FIELDS if getattr(cfg, k) != getattr(Config(), k)]
-        if changed:
-            raise SystemExit(f"--{changed[0]} differs from the recipe of the shared judges in out/judges/{cfg.preset}: "
-                             "pass --out=DIR for this judge")
+    """Where judge `kind` is cached: --out, or out/judges/<preset>/ (the shared cache: the recipe's judges only)."""
     return os.path.join(cfg.out or f"out/judges/{cfg.preset}", "vlm" if kind == "vlm" else f"{kind}.pt")
 
 
@@ -397,17 +408,9 @@ def prerequisite(kind, preset="small", path="", device="auto", quiet=False):
 
 
 def main(cfg):
+    check_config(cfg)
     env, what, out = setup(cfg), cfg.what.split(","), dict(preset=cfg.preset)
     families = data.FAMILIES if cfg.families == "all" else tuple(cfg.families.split(","))
-    bad = sorted(set(what) - {"vlm", "alignment", "aesthetic"}) + sorted(set(families) - set(data.FAMILIES))
-    if bad:
-        raise SystemExit(f"unknown judge or family {bad[0]!r}: --what from vlm,alignment,aesthetic, "
-                         f"--families from {','.join(data.FAMILIES)}")
-    family_batch(cfg)  # a bad --vlm_family_batch fails here, not after the first phases
-    for kind in what:
-        judge_path(cfg, kind)  # a recipe change with no --out fails here, before any training
-    if cfg.align_pool not in ("mean", "token"):
-        raise SystemExit(f"unknown --align_pool {cfg.align_pool!r} (mean, token)")
     os.makedirs(cfg.results, exist_ok=True)
     if "vlm" in what:
         judge = get_judge(cfg, "vlm", env)

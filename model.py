@@ -15,7 +15,7 @@ with adaLN-Zero blocks, run over one joint sequence
   embedding, as in Diffusion Self-Distillation's two-panel design (Cai et al. 2025).
 - Text: learned word embeddings + a small pre-norm transformer trained with the model. Pads are a learned
   token, so no attention mask is ever needed and SDPA can take its flash kernel on CUDA. Option `pooled_text`:
-  the mean of the caption's word features also joins c, as SD3 adds a pooled caption (README: the base).
+  the mean of the caption's word features also joins c, as SD3 adds a pooled caption (docs/base.md).
 - LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3: h = W0 x + B A x)
   as a small wrapper on nn.Linear, used by the method scripts for students and per-task adapters.
 
@@ -360,6 +360,11 @@ def merge_lora(model: nn.Module):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, module.base)
     return model
+
+
+def frozen(module: nn.Module):
+    """A network that is only read (teacher, judge, reward): eval mode, and no parameter takes a gradient."""
+    return module.eval().requires_grad_(False)
 
 
 def merged_copy(model: nn.Module):

@@ -27,7 +27,7 @@ import torch
 
 import data
 import world
-from common import load_model, model_inputs, parse_config, wants_cuda
+from common import check_config, load_model, model_inputs, option, parse_config, wants_cuda
 
 
 def interpolate(x0, eps, t):
@@ -99,21 +99,33 @@ def rollout(model, noise, cond: dict, steps, cfg_scale=1.0, shift=1.0):
 
 @dataclass
 class Config:
-    ckpt: str = ""                 # checkpoint (any script's; its model config is stored in it)
-    task: str = "t2i"              # t2i | local_edit | global_edit | inpaint | outpaint | customize
-    prompt: str = ""               # caption or instruction, in the world's vocabulary (world.VOCAB)
-    image: str = ""                # source image (edits), image to fill (inpaint/outpaint) or reference (customize)
-    mask: str = ""                 # inpaint/outpaint: white = pixels to generate
-    steps: int = 16                # Euler steps
+    ckpt: str = option("", path="file", required=True)  # checkpoint (any script's; its model config is stored in it)
+    task: str = option("t2i", choices=data.TASKS)  # t2i | local_edit | global_edit | inpaint | outpaint | customize
+    prompt: str = option("", required=True)  # caption or instruction, in the world's vocabulary (world.VOCAB)
+    image: str = option("", path="image")  # source image (edits), image to fill (inpaint/outpaint) or reference
+    mask: str = option("", path="image")  # inpaint/outpaint: white = pixels to generate
+    steps: int = option(16, low=1)  # Euler steps
     cfg_scale: float = 1.0         # classifier-free guidance on the text
-    shift: float = 1.0             # SD3 timestep shift
-    n: int = 4                     # samples (one row)
-    seed: int = 0                  # noise seed
-    out: str = "samples.png"       # PNG: [condition |] n samples
-    device: str = "auto"           # auto | cpu | cuda
+    shift: float = option(1.0, above=0)  # SD3 timestep shift
+    n: int = option(4, low=1)      # samples (one row)
+    seed: int = option(0, low=0)   # noise seed
+    out: str = option("samples.png", path="outfile", suffix=(".png", ".jpg", ".jpeg"), required=True)  # PNG:
+                                   # [condition |] n samples
+    device: str = option("auto", choices=("auto", "cpu", "cuda"), device=True)  # auto | cpu | cuda
+
+    def check(self):
+        need = {"t2i": (), "inpaint": ("image", "mask"), "outpaint": ("image", "mask")}.get(self.task, ("image",))
+        missing = [k for k in need if not getattr(self, k)]
+        yield f"--task={self.task} needs --{missing[0]}=PATH" if missing else ""
+        extra = [k for k in ("image", "mask") if getattr(self, k) and k not in need]
+        yield f"--task={self.task} takes no --{extra[0]}" if extra else ""
+        try:
+            world.tokenize([self.prompt])
+        except ValueError as e:
+            yield f"--prompt: {e}"
 
 
-def condition(cfg, res, device):
+def condition(cfg, res, device, text_len=world.MAX_TOKENS):
     """The model inputs of the CLI's request, built by data.collate exactly as a training batch of the task is: the
     edit source as the pixel-aligned condition, the image to fill masked by --mask beside the mask, the customisation
     reference as tokens. Returns (model inputs for cfg.n samples, the condition image or None)."""
@@ -123,26 +135,19 @@ def condition(cfg, res, device):
         example.update(target=image, mask=world.load_image(cfg.mask, res, mask=True))
     elif image is not None:
         example["source_image"] = image
-    return model_inputs(data.collate([example] * cfg.n, device)), image
+    return model_inputs(data.collate([example] * cfg.n, device, text_len)), image
 
 
 def main(cfg):
-    if cfg.task not in data.TASKS:
-        raise SystemExit(f"unknown task {cfg.task!r}: one of {', '.join(data.TASKS)}")
-    if not cfg.ckpt or not cfg.prompt:
-        raise SystemExit("--ckpt=PATH and --prompt=TEXT are required")
+    check_config(cfg)
     device = "cuda" if wants_cuda(cfg.device) else "cpu"
     model, ckpt = load_model(cfg.ckpt, device)
     if cfg.task not in ckpt.get("tasks", []):
         raise SystemExit(f"{cfg.ckpt} was trained for {', '.join(ckpt.get('tasks', []))}, not {cfg.task}")
     res = model.config.image_size
-    need = {"t2i": (), "inpaint": ("image", "mask"), "outpaint": ("image", "mask")}.get(cfg.task, ("image",))
-    missing = [k for k in need if not getattr(cfg, k)]
-    if missing:
-        raise SystemExit(f"--task={cfg.task} needs --{missing[0]}=PATH")
     try:
-        inputs, image = condition(cfg, res, device)
-    except (ValueError, FileNotFoundError) as e:
+        inputs, image = condition(cfg, res, device, model.config.max_text_len)
+    except ValueError as e:
         raise SystemExit(str(e)) from None
     noise = torch.randn(cfg.n, 3, res, res, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     x = euler(model, noise, inputs, cfg.steps, cfg.cfg_scale, cfg.shift).clamp(-1, 1)

@@ -8,7 +8,8 @@ mass, so the measurements are tolerant to the blurry, noisy images a generator m
 batch)` gives each task's metrics: attribute accuracy (GenEval-like) for t2i; edit success and PSNR outside the
 edit for local edits; success of the global edit with structure kept; content accuracy, seam error and PSNR
 outside the hole for in/outpainting; concept preservation, prompt following and de-biased preservation for
-customisation. Its own accuracy on clean, degraded and wrong-spec renders: `python scorer.py` (results/world/scorer.json).
+customisation. Its own accuracy on clean, degraded and wrong-spec renders: `python scorer.py`
+(results/world/scorer.json).
 """
 import itertools
 import json

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 import data
 import world
-from common import (cosine_lr, ema_update, load_checkpoint, model_inputs, parse_config, peek, save_checkpoint,
-                    setup, step_generator)
+from common import (check_config, cosine_lr, ema_update, load_checkpoint, model_inputs, option, parse_config, peek,
+                    save_checkpoint, setup, step_generator)
 from evaluate import evaluate_task
 from model import PRESETS, DiT, DiTConfig, preset
 from sample import euler, interpolate, velocity_target
@@ -35,38 +35,64 @@ from sample import euler, interpolate, velocity_target
 
 @dataclass
 class Config:
-    task: str = "t2i"              # t2i | local_edit | global_edit | inpaint | outpaint | customize | joint
-    joint_tasks: str = "t2i,local_edit,global_edit"  # the union that --task=joint trains on
-    preset: str = "small"          # model preset (model.PRESETS): tiny | small | base
-    pooled_text: bool = False      # model option: the caption's mean word feature joins the adaLN vector (README)
-    text_len: int = 0              # model option: caption tokens the model reads (0 = world.MAX_TOKENS = 48); 24
-                                   # (world.ONE_OBJECT_TOKENS) holds every 1-object caption and edit instruction
-    init_from: str = ""            # checkpoint to fine-tune from ("" = train from scratch)
-    out: str = "out/base"          # run directory: ckpt.pt, log.jsonl, samples.png
+    task: str = option("t2i", choices=data.TASKS + ("joint",))  # t2i | local_edit | ... | customize | joint
+    joint_tasks: str = option("t2i,local_edit,global_edit", each=data.TASKS)  # the union --task=joint trains on
+    preset: str = option("small", choices=tuple(PRESETS))  # model preset (model.PRESETS): tiny | small | base
+    pooled_text: bool = False      # model option: the caption's mean word feature joins the adaLN vector (docs/base.md)
+    text_len: int = option(0, low=0, high=world.MAX_TOKENS)  # model option: caption tokens the model reads (0 =
+                                   # world.MAX_TOKENS = 48); 24 (world.ONE_OBJECT_TOKENS) holds every 1-object
+                                   # caption and edit instruction
+    init_from: str = option("", path="file")  # checkpoint to fine-tune from ("" = train from scratch)
+    manifest: str = option("", path="file")  # your own pairs: a JSONL or CSV manifest (data.load_manifest) instead
+                                   # of the world's; every step draws its batch from the rows of the step's task
+    out: str = option("out/base", path="dir", required=True)  # run directory: ckpt.pt, log.jsonl, samples.png
     resume: bool = False           # continue out/ckpt.pt to `steps`
-    steps: int = 4000              # optimizer steps (the learning-rate schedule spans these)
-    stop_at: int = 0               # stop (and checkpoint) after this step, as an interrupted run would (0 = steps)
-    batch_size: int = 32           # global batch (split across DDP processes)
-    lr: float = 1e-3               # peak AdamW learning rate
-    warmup: int = 100              # linear warm-up steps
-    min_lr: float = 0.05           # cosine decay ends at min_lr * lr
-    weight_decay: float = 0.0      # AdamW weight decay
-    grad_clip: float = 1.0         # max global grad norm
-    ema: float = 0.995             # EMA decay of the weights we sample and evaluate with (0.999 lagged 3000 steps)
-    t_sampling: str = "uniform"    # training times t: uniform | logit_normal (sigmoid of N(0, 1), SD3's mid-noise bias)
-    cond_drop: float = 0.1         # probability of an empty caption (classifier-free guidance)
-    grid_rate: float = 0.1         # fraction of t2i examples that are "a grid of four images of the same ..."
-    n_objects: int = 0             # objects per t2i/inpaint/outpaint scene (0 = 1-3 at random)
-    sample_steps: int = 16         # Euler steps for samples and the end-of-run evaluation
+    steps: int = option(4000, low=1)  # optimizer steps (the learning-rate schedule spans these)
+    stop_at: int = option(0, low=0)  # stop (and checkpoint) after this step, as an interrupted run would (0 = steps)
+    batch_size: int = option(32, low=1)  # global batch (split across DDP processes)
+    lr: float = option(1e-3, above=0)  # peak AdamW learning rate
+    warmup: int = option(100, low=1)  # linear warm-up steps
+    min_lr: float = option(0.05, low=0, high=1)  # cosine decay ends at min_lr * lr
+    weight_decay: float = option(0.0, low=0)  # AdamW weight decay
+    grad_clip: float = option(1.0, above=0)  # max global grad norm
+    ema: float = option(0.995, low=0, high=1)  # EMA decay of the weights we sample and evaluate with
+    t_sampling: str = option("uniform", choices=("uniform", "logit_normal"))  # training times t: uniform |
+                                   # logit_normal (sigmoid of N(0, 1), SD3's mid-noise bias)
+    cond_drop: float = option(0.1, low=0, high=1)  # probability of an empty caption (classifier-free guidance)
+    grid_rate: float = option(0.1, low=0, high=1)  # fraction of t2i examples that are "a grid of four images of ..."
+    n_objects: int = option(0, low=0, high=3)  # objects per t2i/inpaint/outpaint scene (0 = 1-3 at random)
+    sample_steps: int = option(16, low=1)  # Euler steps for samples and the end-of-run evaluation
     cfg_scale: float = 1.0         # guidance scale for samples and evaluation
-    eval_n: int = 128              # test examples scored at the end (0 = skip)
-    log_every: int = 50            # steps between log lines (the only place losses leave the device)
-    ckpt_every: int = 1000         # steps between checkpoints (and one at the end)
-    seed: int = 0                  # everything random is a function of (seed, step)
-    device: str = "auto"           # auto | cpu | cuda
-    compile: str = "auto"          # auto (= on for CUDA) | on | off
-    precision: str = "auto"        # auto (= bf16 autocast on CUDA, fp32 on the CPU) | fp32
+    eval_n: int = option(128, low=0)  # test examples scored at the end (0 = skip)
+    log_every: int = option(50, low=1)  # steps between log lines (the only place losses leave the device)
+    ckpt_every: int = option(1000, low=1)  # steps between checkpoints (and one at the end)
+    seed: int = option(0, low=0)   # everything random is a function of (seed, step)
+    device: str = option("auto", choices=("auto", "cpu", "cuda"), device=True)  # auto | cpu | cuda
+    compile: str = option("auto", choices=("auto", "on", "off"))  # auto (= on for CUDA) | on | off
+    precision: str = option("auto", choices=("auto", "fp32"))  # auto (= bf16 autocast on CUDA, fp32 on the CPU)
     quiet: bool = False            # no progress bar
+
+    def check(self):
+        """The relations between options, before anything is built: one problem per line."""
+        ckpt = os.path.join(self.out, "ckpt.pt")
+        scenes = [t for t in self.tasks() if t in ("t2i", "inpaint", "outpaint")]  # 1-3 objects unless n_objects
+        yield f"--stop_at={self.stop_at} is beyond --steps={self.steps}" if self.stop_at > self.steps else ""
+        yield (f"--text_len={self.text_len} is shorter than the longest edit instruction or one-object caption: use "
+               f"{world.ONE_OBJECT_TOKENS} or more") if 0 < self.text_len < world.ONE_OBJECT_TOKENS else ""
+        yield (f"--text_len={self.text_len} is too short for the {scenes[0]} captions of 2- and 3-object scenes: add "
+               f"--n_objects=1") if 0 < self.text_len < world.MAX_TOKENS and scenes and self.n_objects != 1 else ""
+        if self.resume and not os.path.exists(ckpt):
+            yield f"--resume: there is no {ckpt} to continue (leave --resume out to start it)"
+        elif self.resume:
+            made = peek(ckpt).get("step", 0)
+            yield (f"--resume: {ckpt} is at step {made}, beyond --steps={self.steps} (a resume only goes forward: "
+                   f"pass --steps={made} or more)") if made > self.steps else ""
+        else:
+            yield f"{ckpt} exists: pass --resume to continue it, or choose another --out" \
+                if os.path.exists(ckpt) else ""
+
+    def tasks(self):
+        return self.joint_tasks.split(",") if self.task == "joint" else [self.task]
 
 
 # ----------------------------------------------------------------------------- the method
@@ -81,16 +107,20 @@ def flow_matching_loss(model, batch, noise):
 
 
 def task_of_step(cfg, step):
-    tasks = cfg.joint_tasks.split(",") if cfg.task == "joint" else [cfg.task]
+    tasks = cfg.tasks()
     return tasks[int(torch.randint(len(tasks), (1,), generator=step_generator(cfg.seed, step, salt=1)))]
 
 
-def get_batch(cfg, env, step, res):
-    """This process's slice of the global batch of `step` and of its noise (t, eps, caption drop)."""
-    task = task_of_step(cfg, step)
-    batch = data.make_batch(task, cfg.batch_size, res, env.device, seed=cfg.seed * 1_000_003 + step,
-                            grid_rate=cfg.grid_rate, n_objects=cfg.n_objects or None,
-                            text_len=cfg.text_len or world.MAX_TOKENS)
+def get_batch(cfg, env, step, res, manifest=None):
+    """This process's slice of the global batch of `step` and of its noise (t, eps, caption drop). With a manifest
+    ({task: rows}, `own_data`), the batch is batch_size of the task's rows, drawn with replacement."""
+    task, text_len = task_of_step(cfg, step), cfg.text_len or world.MAX_TOKENS
+    if manifest is not None:
+        pick = torch.randint(len(manifest[task]), (cfg.batch_size,), generator=step_generator(cfg.seed, step, salt=2))
+        batch = data.collate([manifest[task][i] for i in pick.tolist()], env.device, text_len)
+    else:
+        batch = data.make_batch(task, cfg.batch_size, res, env.device, seed=cfg.seed * 1_000_003 + step,
+                                grid_rate=cfg.grid_rate, n_objects=cfg.n_objects or None, text_len=text_len)
     gen = step_generator(cfg.seed, step)
     t = torch.randn(cfg.batch_size, generator=gen).sigmoid() if cfg.t_sampling == "logit_normal" else \
         torch.rand(cfg.batch_size, generator=gen)
@@ -102,6 +132,20 @@ def get_batch(cfg, env, step, res):
         v = getattr(batch, f)
         setattr(batch, f, v[rows] if v is not None else None)
     return batch, {k: v[rows].to(env.device) for k, v in noise.items()}
+
+
+def own_data(path, tasks, mcfg):
+    """The manifest's rows grouped by task ({task: rows}); every task trained on must have rows."""
+    try:
+        rows = data.load_manifest(path, mcfg.image_size, mcfg.max_text_len)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
+    grouped = {t: [r for r in rows if r["task"] == t] for t in tasks}
+    missing = [t for t, r in grouped.items() if not r]
+    if missing:
+        raise SystemExit(f"{path} has no rows of task {missing[0]} (it has: "
+                         f"{', '.join(sorted({r['task'] for r in rows}))}); choose --task accordingly")
+    return grouped
 
 
 @torch.no_grad()
@@ -120,20 +164,14 @@ def save_samples(model, tasks, res, device, path, steps, cfg_scale, n=8, n_objec
 
 
 def train(cfg):
+    check_config(cfg)  # options and their relations, before anything is built (parse_config checks them too)
     env = setup(cfg)
-    tasks = cfg.joint_tasks.split(",") if cfg.task == "joint" else [cfg.task]
-    bad = [t for t in tasks if t not in data.TASKS]
-    if bad or cfg.batch_size % env.world:
-        raise SystemExit(f"unknown task {bad[0]!r} (tasks: {', '.join(data.TASKS)}, joint)" if bad else
-                         f"--batch_size={cfg.batch_size} is not divisible by {env.world} processes")
-    if cfg.t_sampling not in ("uniform", "logit_normal"):
-        raise SystemExit(f"--t_sampling takes uniform or logit_normal, not {cfg.t_sampling!r}")
-    scenes = [t for t in tasks if t in ("t2i", "inpaint", "outpaint")]  # captions of whole scenes: 1-3 objects
-    if 0 < cfg.text_len < world.MAX_TOKENS and scenes and cfg.n_objects != 1:
-        raise SystemExit(f"--text_len={cfg.text_len} is too short for the {scenes[0]} captions of 2- and 3-object "
-                         f"scenes: add --n_objects=1")
+    tasks = cfg.tasks()
+    if cfg.batch_size % env.world:
+        raise SystemExit(f"--batch_size={cfg.batch_size} is not divisible by {env.world} processes")
     mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=cfg.text_len or world.MAX_TOKENS,
                   pooled_text=cfg.pooled_text)
+    manifest = own_data(cfg.manifest, tasks, mcfg) if cfg.manifest else None
     torch.manual_seed(cfg.seed)  # the initial weights; everything later draws from step_generator
     model = DiT(mcfg).to(env.device)
     ckpt_path, start, trained = os.path.join(cfg.out, "ckpt.pt"), 0, []
@@ -150,8 +188,6 @@ def train(cfg):
         ck = load_checkpoint(ckpt_path, mcfg)
         model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
         start, trained = ck["step"], ck["tasks"]
-    elif os.path.exists(ckpt_path):
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
     train_model = model
     if env.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(  # some tasks leave some embedders unused
@@ -175,7 +211,7 @@ def train(cfg):
                             step=step, tasks=sorted(set(trained) | set(tasks)), config=dataclasses.asdict(cfg),
                             model_config=dataclasses.asdict(mcfg))
         # batch
-        batch, noise = get_batch(cfg, env, step, res)
+        batch, noise = get_batch(cfg, env, step, res, manifest)
         # forward under ctx, backward, clip, step, EMA
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -261,7 +297,8 @@ def prerequisite(preset_name, name, path="", base="", device="auto", compile="au
     if os.path.exists(path):
         made = peek(path).get("step")
         if made != options["steps"]:  # e.g. cached under an older recipe
-            print(f"note: using cached {path}, trained {made} steps (the {preset_name} recipe trains {options['steps']})")
+            print(f"note: using cached {path}, trained {made} steps (the {preset_name} recipe trains "
+                  f"{options['steps']})")
         return path
     what = "the base model" if name == "base" else f"the {name} expert (SFT from {base})"
     print(f"building {what}: {path}, {options['steps']} steps")

@@ -277,15 +277,24 @@ def to_pil(img):
 
 
 def load_image(path, res, mask=False):
-    """A PNG/JPEG file -> (3, res, res) in [-1, 1], or (1, res, res) in {0, 1} for a mask. Wrong sizes are errors."""
+    """The one loader of every image file a user hands in: PNG/JPEG -> (3, res, res) in [-1, 1], or (1, res, res) in
+    {0, 1} for a mask (white = 1). Every failure is a ValueError of one line naming the file and the problem."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing image file: {path}")
-    im = Image.open(path)
-    if im.size != (res, res):
-        raise ValueError(f"image {path} is {im.size[0]}x{im.size[1]}, expected {res}x{res}")
+        raise ValueError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated or corrupt file fails here, not later
+            if im.size != (res, res):
+                raise ValueError(f"{path}: the image is {im.size[0]}x{im.size[1]}, the model takes {res}x{res}")
+            pixels = np.asarray(im.convert("L" if mask else "RGB"))
+    except ValueError:
+        raise
+    except Exception as e:  # PIL's UnidentifiedImageError, OSError for truncated data, ...
+        raise ValueError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
     if mask:
-        return torch.from_numpy((np.asarray(im.convert("L")) > 127).astype(np.float32))[None]
-    return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+        return torch.from_numpy((pixels > 127).astype(np.float32))[None]
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def check_images(images, name="images"):

@@ -1,6 +1,7 @@
 """bench.py: the exact FLOP count equals what torch's FlopCounterMode counts, layer for layer, for every sequence
 layout and for the LoRA student and DanceOPD step; and the benchmark runs end to end and writes its JSON."""
 import contextlib
+import dataclasses
 import json
 
 import pytest
@@ -28,17 +29,19 @@ def counted(fn, math_attention=False):
     return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
 
 
-@pytest.mark.parametrize("task,lora_rank", [("t2i", 0), ("local_edit", 0), ("customize", 0), ("t2i", 4)])
-def test_forward_flops_equal_flop_counter(task, lora_rank):
+@pytest.mark.parametrize("task,lora_rank,pooled", [("t2i", 0, False), ("local_edit", 0, False), ("customize", 0, False),
+                                                ("t2i", 4, False), ("t2i", 0, True)])
+def test_forward_flops_equal_flop_counter(task, lora_rank, pooled):
     torch.manual_seed(0)
-    model = DiT(MCFG)
+    mcfg = dataclasses.replace(MCFG, pooled_text=pooled)  # the pooled caption adds one Linear per image
+    model = DiT(mcfg)
     if lora_rank:
         add_lora(model, lora_rank)
     b = data.make_batch(task, 3, MCFG.image_size)
     inputs = common.model_inputs(b)
     assert (inputs["cond"] is not None) == (task in bench.COND_TASKS)
     assert (inputs["ref"] is not None) == (task in bench.REF_TASKS)
-    want = bench.forward_flops(MCFG, task, batch=3, lora_rank=lora_rank)
+    want = bench.forward_flops(mcfg, task, batch=3, lora_rank=lora_rank)
     forward = lambda: model(b.target, torch.rand(3), **inputs)
 
     got = counted(forward)

@@ -204,9 +204,11 @@ def test_manifest_bad_rows_are_named(tmp_path):
     with pytest.raises(ValueError) as err:
         data.load_manifest(str(path), 32)
     msg = str(err.value)
-    assert "row 2: empty row" in msg and "row 3: missing image file" in msg and "row 6: unknown word 'teal'" in msg
-    with pytest.raises(ValueError, match="is 32x32, expected 64x64"):
-        data.load_manifest(str(path.with_name("manifest.jsonl")).replace("manifest", "manifest"), 64)
+    assert msg.startswith(f"3 bad row(s) in {path}:")
+    assert f"{path}:2: empty row" in msg and f"{path}:3: {tmp_path}/nope.png: no such image file" in msg
+    assert f"{path}:6: unknown word 'teal'" in msg
+    with pytest.raises(ValueError, match="the image is 32x32, the model takes 64x64"):
+        data.load_manifest(str(path), 64)
 
 
 def test_parse_survives_generator_like_junk():
@@ -214,5 +216,8 @@ def test_parse_survives_generator_like_junk():
     x[:, 4:12, 4:12] = -1  # ... with a blob of pure outline colour (black): no object colour to unmix
     x[:, 20:23, 20:30] = torch.tensor([1., -1, -1])[:, None, None]  # and a thin red sliver
     found = scorer.parse(x)
-    assert found.sky == "white" and all(0 <= o.cell < 9 for o in found.objects)
-    scorer.parse(torch.rand(3, 32, 32) * 2 - 1)  # pure noise parses to something, without crashing
+    assert found.sky == "white" and {o.cell for o in found.objects} == {0, 8}  # both blobs, where they are
+    assert [o.color for o in found.objects if o.cell == 8] == ["red"]
+    b = data.make_batch("t2i", 20, 32, seed=13, split="test")  # pure noise parses, and passes as no scene
+    noise = torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert scorer.score("t2i", noise, b)[0]["success"] == 0

@@ -160,25 +160,3 @@ def test_add_lora_trains_only_lora(model):
 def test_add_lora_keeps_named_modules_trainable(model):
     m = add_lora(copy.deepcopy(model), rank=2, trainable=("ref_embedder",))
     assert m.ref_embedder.weight.requires_grad and not m.x_embedder.weight.requires_grad
-
-
-def test_flow_matching_overfits_a_fixed_batch():
-    torch.manual_seed(0)
-    m = DiT(preset("tiny"))
-    g = torch.Generator().manual_seed(1)
-    n = 8   # a fixed batch of simple images (a bright square on a dark background), fixed noise and times
-    x0 = -torch.ones(n, 3, RES, RES)
-    for i in range(n):
-        x0[i, i % 3, 8:8 + 2 * i, 8:24] = 1.0
-    eps, t = torch.randn(x0.shape, generator=g), torch.rand(n, generator=g)
-    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
-    task, tokens = torch.zeros(n, dtype=torch.long), torch.randint(1, 256, (n, 48), generator=g)
-    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(40):
-        loss = (m(x_t, t, task, tokens) - (eps - x0)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.6 * losses[0], losses   # 2.0 -> 0.8 here

@@ -1,5 +1,6 @@
 """Training plumbing (train.py): resume is bitwise, DDP equals one process, bad input is a clear error."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -9,7 +10,10 @@ import pytest
 import torch
 
 import common
+import sample
 import train
+import world
+from model import DiT, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset=tiny", "--batch_size=8", "--eval_n=0", "--quiet", "--log_every=1", "--warmup=2"]
@@ -58,13 +62,13 @@ def test_ddp_two_processes_match_one(tmp_path):
 def test_bad_options_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="unknown option '--lrr=1'"):
         common.parse_config(train.Config(), ["--lrr=1"])
-    with pytest.raises(SystemExit, match="--steps takes a int"):
+    with pytest.raises(SystemExit, match="--steps takes an int"):
         common.parse_config(train.Config(), ["--steps=many"])
-    with pytest.raises(SystemExit, match="unknown task 'paint'"):
+    with pytest.raises(SystemExit, match="--task=paint: must be one of t2i, "):
         run(tmp_path / "x", "--task=paint")
-    with pytest.raises(SystemExit, match="missing checkpoint"):
+    with pytest.raises(SystemExit, match="--init_from=nope.pt: no such file"):
         run(tmp_path / "x", "--init_from=nope.pt")
-    with pytest.raises(SystemExit, match="--precision takes auto or fp32, not 'fp16'"):
+    with pytest.raises(SystemExit, match="--precision=fp16: must be one of auto, fp32"):
         run(tmp_path / "x", "--precision=fp16")
 
 
@@ -115,5 +119,78 @@ def test_logit_normal_times_favour_mid_noise(tmp_path):
         cfg = common.parse_config(train.Config(), ["--preset=tiny", "--batch_size=512", f"--t_sampling={kind}"])
         t = torch.cat([train.get_batch(cfg, env, step=s, res=32)[1]["t"] for s in range(4)])
         assert 0 < t.min() and t.max() < 1 and lo < ((t > 0.25) & (t < 0.75)).float().mean() < hi, kind
-    with pytest.raises(SystemExit, match="--t_sampling takes uniform or logit_normal, not 'beta'"):
+    with pytest.raises(SystemExit, match="--t_sampling=beta: must be one of uniform, logit_normal"):
         run(tmp_path / "x", "--t_sampling=beta")
+
+
+def test_training_learns_through_its_own_loss():
+    """train.flow_matching_loss is the MSE of the velocity at x_t = (1 - t) x0 + t eps against eps - x0, with the
+    dropped captions all pads; 40 AdamW steps on one fixed batch through it more than halve it."""
+    cfg = common.parse_config(train.Config(), ["--preset=tiny", "--batch_size=8", "--n_objects=1", "--cond_drop=0.5"])
+    env = common.Env(torch.device("cpu"), None, False, 0, 1)
+    batch, noise = train.get_batch(cfg, env, step=0, res=32)
+    torch.manual_seed(0)
+    model = DiT(preset("tiny", vocab_size=len(world.VOCAB)))
+    with torch.no_grad():  # every weight non-zero, so the check below is not 0 = 0
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    x0, t, eps, drop = batch.target, noise["t"], noise["eps"], noise["drop"]
+    assert 0 < drop.sum() < 8
+    inputs = dict(common.model_inputs(batch), tokens=torch.where(drop[:, None], 0, batch.tokens))
+    by_hand = (model(sample.interpolate(x0, eps, t), t, **inputs) - (eps - x0)).square().mean()
+    loss, logs = train.flow_matching_loss(model, batch, noise)
+    torch.testing.assert_close(loss, by_hand)
+    opt, first = torch.optim.AdamW(model.parameters(), lr=2e-3), loss.item()
+    for _ in range(40):
+        loss, _ = train.flow_matching_loss(model, batch, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first, (first, loss.item())
+
+
+class Tokens(torch.nn.Module):
+    """A field that records the caption tokens of every call and returns zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t, task, tokens, cond=None, ref=None):
+        self.seen.append(tokens.clone())
+        return torch.zeros_like(x)
+
+
+def test_the_dropped_caption_is_the_unconditional_caption_of_guidance():
+    """Classifier-free guidance only works if the caption dropped in training is exactly the one guidance feeds the
+    unconditional half: both are all pads."""
+    cfg = common.parse_config(train.Config(), ["--preset=tiny", "--batch_size=16", "--cond_drop=0.5"])
+    batch, noise = train.get_batch(cfg, common.Env(torch.device("cpu"), None, False, 0, 1), step=0, res=32)
+    field = Tokens()
+    train.flow_matching_loss(field, batch, noise)
+    dropped = field.seen[0][noise["drop"]]
+    sample.guided_velocity(field, batch.target, torch.full((16,), 0.5), common.model_inputs(batch), cfg_scale=3.0)
+    unconditional = field.seen[1][16:]  # guided_velocity runs [conditional | unconditional] in one call
+    assert len(dropped) and (batch.tokens != 0).any(1).all()  # the batch's captions are real ones
+    assert torch.equal(dropped, unconditional[:len(dropped)]) and not unconditional.any()
+
+
+def test_ema_moves_toward_the_model_by_one_minus_decay():
+    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        ema.weight.fill_(0.0), ema.bias.fill_(0.0), model.weight.fill_(1.0), model.bias.fill_(-1.0)
+    common.ema_update(ema, model, 0.9)
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.1)) and torch.allclose(ema.bias, torch.full((2,), -0.1))
+    assert model.weight.eq(1.0).all()  # the model itself is left alone
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor(tmp_path):
+    lr = [common.cosine_lr(s, 100, 1e-3, warmup=10, min_lr=0.1) for s in range(101)]
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / 100)) for s in range(101)]
+    assert [lr[s] / cosine[s] for s in range(10)] == pytest.approx([1e-4 * (s + 1) for s in range(10)])  # warm-up
+    assert all(a < b for a, b in zip(lr[:9], lr[1:10])) and all(a >= b for a, b in zip(lr[9:], lr[10:]))
+    assert lr[50] == pytest.approx(1e-4 + 0.9e-3 * 0.5)                           # half-way down the cosine
+    assert lr[100] == pytest.approx(1e-4)                                          # the floor, min_lr * lr
+    run(tmp_path / "a", "--steps=4", "--warmup=2")                                # train.py logs what it used
+    logged = [r["lr"] for r in map(json.loads, open(tmp_path / "a" / "log.jsonl")) if "lr" in r]
+    assert logged == pytest.approx([common.cosine_lr(s, 4, 1e-3, 2) for s in range(4)])
