@@ -1,7 +1,7 @@
 """Speed: training throughput and MFU, eager vs torch.compile, sampling latency, peak memory, in one process.
 
     python bench.py                 # base preset on a GPU (tiny on the CPU) -> results/speed/bench_<device>.json
-    python bench.py --preset=small --compile=off --out=results/bench_small.json
+    python bench.py --preset=small --compile=off --out=results/speed/bench_small.json
     OMP_NUM_THREADS=1 python bench.py --device=cpu --batch_size=4 --sample_batches=1,4   # quick CPU run (seconds)
 
 What is timed is the project's own code: a flow-matching step is train.py's loop body around
@@ -131,7 +131,6 @@ def forward_flops(cfg, task="t2i", batch=1, text_len=None, lora_rank=0):
         blocks=cfg.depth * block(T, lora_rank),
         adaLN=linear(1, FREQ_DIM, D) + linear(1, D, D) + cfg.depth * linear(1, D, 6 * D) + linear(1, D, 2 * D)
         + cfg.pooled_text * linear(1, D, D),                                # text_pool: the pooled caption
-
         head=linear(N, D, p * p * out_channels) + (conv if cfg.conv_head else 0),
         attention=4 * D * (cfg.text_depth * L ** 2 + cfg.depth * T ** 2))
     parts = {k: batch * v for k, v in parts.items()}

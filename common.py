@@ -30,7 +30,8 @@ def option(default, **rules):
     """A Config field with the rules its value must keep, checked by `check_config` before any work:
     choices=(...): one of these; each=(...): a comma-separated list of distinct items from these; low / high:
     inclusive bounds, above: a strict lower bound (numbers must also be finite); required: not empty;
-    path="file" | "image": an existing file (when given); path="dir": a directory to write into; path="outfile":
+    path="file" | "image": an existing file (when given); path="exists": an existing file or directory;
+    path="dir": a directory to write into; path="outfile":
     a file to write (suffix=(...): its allowed endings); pairs=(...): KEY=PATH,... with keys from these (None: any)
     and existing paths; device: auto | cpu | cuda, and cuda only where there is one."""
     return dataclasses.field(default=default, metadata=rules)
@@ -98,6 +99,8 @@ def check_value(name, value, rules):
         return ""
     if kind in ("file", "image"):
         return "" if os.path.isfile(value) else "no such file"
+    if kind == "exists":
+        return "" if os.path.exists(value) else "no such file or directory"
     return check_writable(value, kind, rules.get("suffix"))
 
 
@@ -111,6 +114,8 @@ def check_pairs(value, keys):
         key, eq, path = item.rpartition("=")
         if keys is not None and (not eq or key not in keys or not path):
             return f"{item!r} must be KEY=PATH with KEY one of " + ", ".join(keys)
+        if not path:
+            return f"{item!r} has no path"
         if not os.path.exists(path):
             return f"no such file: {path}"
     return ""
@@ -122,6 +127,8 @@ def check_writable(path, kind, suffix=None):
         return "the file name must end in " + " or ".join(suffix)
     if os.path.exists(path) and os.path.isdir(path) != (kind == "dir"):
         return "is a file, not a directory" if kind == "dir" else "is a directory, not a file"
+    if os.path.isdir(path):
+        return "" if os.access(path, os.W_OK) else "is not writable"
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -157,10 +164,7 @@ def setup(cfg):
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    precision = getattr(cfg, "precision", "auto")
-    if precision not in ("auto", "fp32"):
-        raise SystemExit(f"--precision takes auto or fp32, not {precision!r}")
-    fast = cuda and precision == "auto"
+    fast = cuda and getattr(cfg, "precision", "auto") == "auto"
     if not cuda:  # late in training, subnormal floats (softmax tails, their grads) made CPU steps 2x slower
         torch.set_flush_denormal(True)  # measured on the trained alignment model: 0.49 -> 0.26 s per step
     if cuda:

@@ -89,11 +89,21 @@ class Config:
 
     def check(self):
         """Relations between options, before anything is built or trained."""
-        cfg = resolve(self)
+        cfg, tasks = resolve(self), self.tasks.split(",")
         ckpt = os.path.join(cfg.out, "ckpt.pt")
-        yield name_problem(f"danceopd/{cfg.name}")
+        yield "" if "/" not in cfg.name and not name_problem(cfg.name) else \
+            f"--name={cfg.name!r} must be a plain file name (the table goes to results/danceopd/<name>.md)"
         yield f"--stop_at={cfg.stop_at} is beyond --steps={cfg.steps}" if cfg.stop_at > cfg.steps else ""
         yield "" if all(label for label, _ in pairs(cfg.compare)) else "--compare takes LABEL=PATH,..."
+        for task, path in pairs(cfg.experts):  # named teachers: checkpoints of this preset, trained for their task
+            yield "" if task in tasks and task != "t2i" else \
+                f"--experts={task}=...: {task} is not an edit task of --tasks={cfg.tasks} (the T2I teacher is --base)"
+            yield "" if task in peek(path).get("tasks", []) else f"{path} was trained for " \
+                f"{', '.join(peek(path).get('tasks', []))}, so it cannot teach {task}"
+        for path in [p for p in (cfg.base, cfg.init) if p] + [p for _, p in pairs(cfg.experts)]:
+            preset_model_config(path, cfg.preset)  # a one-line error for a checkpoint of another preset
+        for _, path in pairs(cfg.compare):
+            peek(path)                             # a one-line error for a file that is no checkpoint
         if cfg.resume and not os.path.exists(ckpt):
             yield f"--resume: there is no {ckpt} to continue (leave --resume out to start it)"
         elif cfg.resume:
@@ -102,6 +112,8 @@ class Config:
                 if made.get("config", {}).get("preset") != cfg.preset else ""
             yield (f"--resume: {ckpt} is at step {made.get('step')}, beyond --steps={cfg.steps} (a resume only goes "
                    f"forward)") if made.get("step", 0) > cfg.steps else ""
+            yield (f"--resume: {ckpt} is at step {made.get('step')}, so --stop_at={cfg.stop_at} would go back (a "
+                   f"resume only goes forward)") if 0 < cfg.stop_at <= made.get("step", 0) else ""
             rank = made.get("config", {}).get("lora_rank") if "student" in made else "no student"
             yield "" if rank == cfg.lora_rank else \
                 f"{ckpt} is not a run of this script with --lora_rank={cfg.lora_rank} (it has {rank})"
@@ -218,8 +230,10 @@ def merge_weights(state_dicts):
             for k in state_dicts[0]}
 
 
-
 # ----------------------------------------------------------------------------- evaluation
+ATTRIBUTES = ("shape", "color", "size", "cell", "line", "count", "horizon", "sky", "ground")  # scorer's per-attribute
+
+
 @torch.no_grad()
 def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
     """Score the student, every teacher, the merged teachers and --compare checkpoints on every task (same
@@ -267,7 +281,6 @@ def command_args(cfg):
 # base the one-GPU run (docs/danceopd.md). The base and the experts come from train.RECIPES.
 DEFAULTS = dict(tiny=dict(steps=300, batch_size=16, lr=1e-3), small=dict(steps=300, batch_size=16, lr=1e-3),
                 base=dict(steps=400, batch_size=64, lr=3e-4))
-ATTRIBUTES = ("shape", "color", "size", "cell", "line", "count", "horizon", "sky", "ground")  # scorer's per-attribute
 
 
 def resolve(cfg):

@@ -44,7 +44,7 @@ class Config:
     def check(self):
         yield name_problem(self.name)
         steps_at = [k.strip() for k in self.handover_at.split(",") if k.strip()]
-        yield "" if all(k.isdigit() and int(k) <= self.steps for k in steps_at) or not self.teachers else \
+        yield "" if all(k.isdigit() and (int(k) <= self.steps or not self.teachers) for k in steps_at) else \
             f"--handover_at={self.handover_at}: each step must be a whole number in 0..{self.steps} (--steps)"
         yield "--source_probe=true needs --teachers=TASK=PATH,... (the probe runs on their rollouts)" \
             if self.source_probe and not self.teachers else ""
@@ -187,14 +187,10 @@ def name_problem(name):
     return ""
 
 
-def check_name(name):
-    if name_problem(name):
-        raise SystemExit(name_problem(name))
-
-
 def write_results(name, lines, payload):
     """Print a table and write it to results/<name>.md, with `payload` as results/<name>.json (each atomically)."""
-    check_name(name)
+    if name_problem(name):
+        raise SystemExit(name_problem(name))
     path = os.path.join("results", name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     for ext, text in ((".md", "\n".join(lines) + "\n"), (".json", json.dumps(payload, indent=1))):
@@ -260,10 +256,9 @@ def main(cfg):
         lines += handover_lines(label, task, h, cfg.steps)
     for (label, task), r in sources.items():
         lines += source_lines(label, task, r)
-    write_results(cfg.name, lines, dict(config=vars(cfg), results=results,
-                                        **({"shape_probe": probes} if probes else {}),
-                  **({"handover": {f"{l} {t}": h for (l, t), h in handovers.items()}} if handovers else {}),
-                  **({"source_probe": {f"{l} {t}": r for (l, t), r in sources.items()}} if sources else {})))
+    extra = dict(shape_probe=probes, handover={f"{l} {t}": h for (l, t), h in handovers.items()},
+                 source_probe={f"{l} {t}": r for (l, t), r in sources.items()})
+    write_results(cfg.name, lines, dict(config=vars(cfg), results=results, **{k: v for k, v in extra.items() if v}))
     return results
 
 

@@ -24,9 +24,9 @@ from tqdm import tqdm
 import data
 import world
 import scorer
+from common import check_config, load_model, model_inputs, option, parse_config, peek, save_checkpoint, setup
 from rewards import (Aesthetic, Alignment, aesthetic_batch, alignment_batch, alignment_loss, bt_loss, load_reward,
                      pairwise_accuracy, pairwise_by_change, preference_pairs, retrieval_accuracy)
-from common import check_config, load_model, model_inputs, option, parse_config, save_checkpoint, setup
 from sample import euler
 from vlm import VLM_PRESETS, Judge, build_vlm, load_judge  # the VLM itself lives in vlm.py
 
@@ -77,10 +77,14 @@ class Config:
     quiet: bool = False            # no progress bars
 
     def check(self):
+        yield "--families: all stands alone (or list families)" if "all" in self.families.split(",") \
+            and self.families != "all" else ""
         try:
             family_batch(self)
         except ValueError as e:
             yield str(e)
+        if self.agreement_ckpt:
+            peek(self.agreement_ckpt)  # a one-line error for a file that is no checkpoint, before any training
         if not self.out:  # the shared cache holds the recipe's judges only
             changed = [k for k in RECIPE_FIELDS if getattr(self, k) != getattr(Config(), k)]
             yield (f"--{changed[0]} differs from the recipe of the shared judges in out/judges/{self.preset}: pass "
@@ -403,7 +407,10 @@ def prerequisite(kind, preset="small", path="", device="auto", quiet=False):
             raise SystemExit(f"missing judge: {path} (leave the option out to use, or train, the {preset} recipe's "
                              f"{kind})")
         device = setup(Config(device=device)).device
-        return load_judge(path, device) if kind == "vlm" else load_reward(path, device)
+        judge = load_judge(path, device) if kind == "vlm" else load_reward(path, device)
+        if kind != "vlm" and not isinstance(judge, Alignment if kind == "alignment" else Aesthetic):
+            raise SystemExit(f"{path} is a {type(judge).__name__.lower()} reward, not the {kind} one")
+        return judge
     return get_judge(Config(preset=preset, device=device, quiet=quiet), kind)
 
 
@@ -411,9 +418,10 @@ def main(cfg):
     check_config(cfg)
     env, what, out = setup(cfg), cfg.what.split(","), dict(preset=cfg.preset)
     families = data.FAMILIES if cfg.families == "all" else tuple(cfg.families.split(","))
+    judges = {kind: get_judge(cfg, kind, env) for kind in what}  # trained or loaded before anything is written
     os.makedirs(cfg.results, exist_ok=True)
     if "vlm" in what:
-        judge = get_judge(cfg, "vlm", env)
+        judge = judges["vlm"]
         out["vlm"] = vqa_accuracy(judge, cfg.eval_n, cfg.res, families=families)
         print("VLM yes/no accuracy, held-out scenes: " + "  ".join(f"{k} {v:.3f}" for k, v in out["vlm"].items()))
         save_examples(judge, os.path.join(cfg.results, "judges.png"), cfg.res, families)
@@ -421,13 +429,13 @@ def main(cfg):
             out["agreement"] = agreement(judge, cfg.agreement_ckpt)
             print("on generated images: " + "  ".join(f"{k} {v:.3f}" for k, v in out["agreement"].items()))
     if "alignment" in what:
-        reward = get_judge(cfg, "alignment", env)
+        reward = judges["alignment"]
         out["alignment_retrieval_8"] = retrieval_accuracy(reward, cfg.eval_n, cfg.res)
         out["alignment_pairwise"] = pairwise_by_change(reward, cfg.eval_n, cfg.res)
         print(f"alignment: image -> caption among 8, one attribute apart: {out['alignment_retrieval_8']:.3f}; "
               "against one change: " + "  ".join(f"{k} {v:.3f}" for k, v in out["alignment_pairwise"].items()))
     if "aesthetic" in what:
-        out["aesthetic_pairwise"] = pairwise_accuracy(get_judge(cfg, "aesthetic", env), cfg.eval_n, cfg.res)
+        out["aesthetic_pairwise"] = pairwise_accuracy(judges["aesthetic"], cfg.eval_n, cfg.res)
         print(f"aesthetic: pairwise accuracy on held-out pairs: {out['aesthetic_pairwise']:.3f}")
     path = os.path.join(cfg.results, "judges.json")  # judges measured earlier (same preset) keep their figures
     old = {}

@@ -87,6 +87,8 @@ class Config:
             made = peek(ckpt).get("step", 0)
             yield (f"--resume: {ckpt} is at step {made}, beyond --steps={self.steps} (a resume only goes forward: "
                    f"pass --steps={made} or more)") if made > self.steps else ""
+            yield (f"--resume: {ckpt} is at step {made}, so --stop_at={self.stop_at} would go back (a resume only "
+                   f"goes forward)") if 0 < self.stop_at <= made else ""
         else:
             yield f"{ckpt} exists: pass --resume to continue it, or choose another --out" \
                 if os.path.exists(ckpt) else ""
@@ -138,13 +140,13 @@ def own_data(path, tasks, mcfg):
     """The manifest's rows grouped by task ({task: rows}); every task trained on must have rows."""
     try:
         rows = data.load_manifest(path, mcfg.image_size, mcfg.max_text_len)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         raise SystemExit(str(e)) from None
     grouped = {t: [r for r in rows if r["task"] == t] for t in tasks}
     missing = [t for t, r in grouped.items() if not r]
     if missing:
         raise SystemExit(f"{path} has no rows of task {missing[0]} (it has: "
-                         f"{', '.join(sorted({r['task'] for r in rows}))}); choose --task accordingly")
+                         f"{', '.join(sorted({r['task'] for r in rows}))}): choose --task (or --joint_tasks) from them")
     return grouped
 
 
@@ -291,11 +293,15 @@ def prerequisite(preset_name, name, path="", base="", device="auto", compile="au
         return path
     path = shared_path(preset_name, name, base)
     options = dict(RECIPES[preset_name]["base" if name == "base" else "expert"])
-    if name != "base":  # the expert reads captions as its base does
+    if name != "base":  # the expert reads captions as its base does, and draws its scenes
         mcfg = DiTConfig(**peek(base)["model_config"])
-        options.update(task=name, init_from=base, pooled_text=mcfg.pooled_text, text_len=mcfg.max_text_len)
+        options.update(task=name, init_from=base, pooled_text=mcfg.pooled_text, text_len=mcfg.max_text_len,
+                       n_objects=scene_objects(base) or 0)
     if os.path.exists(path):
-        made = peek(path).get("step")
+        made, source = peek(path).get("step"), peek(path).get("config", {}).get("init_from")
+        if name != "base" and source != base:
+            raise SystemExit(f"{path} was fine-tuned from {source}, not {base}: move it away, or name the experts "
+                             "with --experts=TASK=PATH")
         if made != options["steps"]:  # e.g. cached under an older recipe
             print(f"note: using cached {path}, trained {made} steps (the {preset_name} recipe trains "
                   f"{options['steps']})")
