@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from world import (BACKGROUNDS, CELLS, CENTERS, COLORS, COOL, LIGHT, LINES, MAX_TOKENS, PATTERNS, SHAPES, SIZES, WARM,
+from world import (BACKGROUNDS, CELLS, CENTERS, COLORS, COOL, HORIZONS, LIGHT, LINES, MAX_TOKENS, PATTERNS, SHAPES,
+                   SIZES, WARM,
                    Grid, Scene, allowed, caption, describe, describe_background, free_cells, load_image, luma, pick,
                    render, sample_background, sample_object, sample_scene, to_pil, tokenize)
 
@@ -266,7 +267,9 @@ def make_batch(task, n, res, device="cpu", seed=0, split="train", grid_rate=0.0,
 
 
 # ----------------------------------------------------------------------------- VQA for the judge
-FAMILIES = ("color", "shape", "count", "position", "horizon", "line", "palette", "size", "same")
+FAMILIES = ("color", "shape", "count", "position", "horizon", "line", "palette", "size", "same",
+            "guide", "strip", "night", "large")  # the last four: the Dual-Process controls' questions
+QUESTION_WORDS = ("line", "strip", "night")  # words of the judge's questions that no caption uses
 
 
 @dataclass
@@ -277,10 +280,11 @@ class VQA:
     answers: torch.Tensor  # (B,) bool, exactly half True
     images2: torch.Tensor | None = None  # (B, 3, H, W): the second image of two-image questions
     specs: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)  # the visual prompt drawn over each image (`overlay`), or None
 
 
 def _question(family, rng, yes, split):
-    """One (scene, question[, second scene]) whose true answer is `yes`."""
+    """One (scene, question[, second scene[, visual prompt]]) whose true answer is `yes`."""
     while True:
         s = sample_scene(rng, split)
         o = s.objects[rng.integers(len(s.objects))]
@@ -318,6 +322,24 @@ def _question(family, rng, yes, split):
             o2 = subj if yes else perturb_subject(rng, subj, split)
             return ref, "are these the same object ?", Scene([replace(o2, cell=int(rng.integers(9)))],
                                                              **sample_background(rng))
+        if family == "guide" and (s.horizon != "none" or not yes):  # a red line drawn at one horizon row
+            rows = [r for r in ("high", "middle", "low") if r != s.horizon]
+            row = s.horizon if yes else rows[rng.integers(len(rows))]
+            return s, "is the horizon at the red line ?", None, ("line", HORIZONS[row])
+        if family == "strip":  # a strip of three colours along the bottom edge
+            colours = {x.color for x in s.objects}
+            if yes:
+                strip = list(colours) + list(rng.permutation([c for c in COLORS if c not in colours]))
+            else:
+                missing = o.color
+                strip = list(rng.permutation([c for c in COLORS if c != missing]))
+            strip = [str(c) for c in strip[:3]]
+            strip = tuple(map(str, rng.permutation(strip)))
+            return s, "are the colors of the shapes in the strip ?", None, ("strip", strip)
+        if family == "night" and (s.sky not in LIGHT) == yes:  # an inference: night means a dark sky
+            return s, "is it night ?"
+        if family == "large":
+            return s, f"is the {o.color} {o.shape} {'large' if (o.size == 'large') == yes else 'small'} ?"
 
 
 def vqa_batch(family, n, res, device="cpu", seed=0, split="train"):
@@ -332,11 +354,41 @@ def vqa_batch(family, n, res, device="cpu", seed=0, split="train"):
         while item is None or item[1] is None:
             item = _question(family, rng, bool(yes), split)
         items.append(item)
-    out = VQA(family, render([it[0] for it in items], res, device), [it[1] for it in items],
-              torch.tensor(answers, device=device), specs=[it[0] for it in items])
+    prompts = [it[3] if len(it) > 3 else None for it in items]
+    images = render([it[0] for it in items], res, device)
+    images = torch.stack([overlay(x[None], p)[0] for x, p in zip(images, prompts)])
+    out = VQA(family, images, [it[1] for it in items], torch.tensor(answers, device=device),
+              specs=[it[0] for it in items], prompts=prompts)
     if family == "same":
         out.images2 = render([it[2] for it in items], res, device)
     return out
+
+
+def overlay(images, prompt):
+    """Draw a visual prompt over images (B, 3, H, W) in [-1, 1], differentiably in the images (Dual-Process's
+    visual prompts): the pixels under the prompt are replaced, the others pass through unchanged.
+    prompt: ("line", h) a red horizontal guide line, 2 px at 32 px, centred h (a fraction of the height, as in
+    HORIZONS) from the top; ("strip", colours) blocks of the named colours side by side along the bottom edge,
+    3 px tall at 32 px; None: the images as they are."""
+    if prompt is None:
+        return images
+    kind, value = prompt
+    H, W = images.shape[-2:]
+    mask = torch.zeros(1, 1, H, W, device=images.device)
+    paint = torch.zeros(1, 3, H, W, device=images.device)
+    if kind == "line":
+        row, half = round(value * H), max(1, H // 32)
+        mask[..., row - half:row + half, :] = 1
+        paint[:, 0], paint[:, 1:] = 1.0, -1.0                                       # red in [-1, 1]
+    elif kind == "strip":
+        top = H - max(2, round(3 * H / 32))
+        mask[..., top:, :] = 1
+        for i, name in enumerate(value):
+            lo, hi = i * W // len(value), (i + 1) * W // len(value)
+            paint[..., lo:hi] = torch.tensor(COLORS[name], device=images.device)[:, None, None] * 2 - 1
+    else:
+        raise ValueError(f"unknown visual prompt {kind!r} (line, strip)")
+    return images * (1 - mask) + paint * mask
 
 
 # ----------------------------------------------------------------------------- your own data: manifests
@@ -349,7 +401,7 @@ def load_manifest(path, res, text_len=MAX_TOKENS):
     """Read a JSONL or CSV manifest of your own pairs (paths relative to the manifest) into validated examples.
 
     Each row: task, prompt, target_image, and source_image / mask where the task needs them; every value a string.
-    Every bad row is reported, as "<manifest>:<row>: <problem>" (rows counted from 1, the CSV header not counted),
+    Every bad row is reported, as "<manifest>:<line>: <problem>" (the line of the file, a CSV header being line 1),
     in one ValueError. Returns a list of dicts with 'task', 'text' and tensors (`collate` makes them a Batch)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such manifest file")
@@ -358,20 +410,18 @@ def load_manifest(path, res, text_len=MAX_TOKENS):
     rows, errors = [], []
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            if path.endswith(".csv"):
-                rows = [{k: v for k, v in r.items() if v} for r in csv.DictReader(f)]
+            if path.endswith(".csv"):  # numbered by the file's line, the header being line 1
+                reader = csv.DictReader(f)
+                rows = [(reader.line_num, {k: v for k, v in r.items() if v}) for r in reader]
             for i, line in enumerate(f if path.endswith(".jsonl") else (), 1):
                 try:
-                    rows.append(json.loads(line) if line.strip() else {})
+                    rows.append((i, json.loads(line) if line.strip() else {}))
                 except json.JSONDecodeError as e:
-                    rows.append(None)
                     errors.append((i, f"not a JSON object ({e.msg}, column {e.colno})"))
     except (UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{path}: not a text manifest ({type(e).__name__}: {e})") from None
     root, examples = os.path.dirname(path), []
-    for i, row in enumerate(rows, 1):
-        if row is None:
-            continue  # reported above
+    for i, row in rows:
         try:
             examples.append(_example(row, root, res, text_len))
         except ValueError as e:

@@ -330,15 +330,16 @@ class LoRALinear(nn.Module):
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")   # add "adaLN_modulation" to adapt the modulation too
 
 
-def add_lora(model: DiT, rank: int, scale: float = 1.0, targets=LORA_TARGETS, trainable=()):
-    """Wrap the Linear layers of the DiT blocks named in `targets` with LoRA and freeze everything else.
+def add_lora(model: DiT, rank: int, scale: float = 1.0, targets=LORA_TARGETS, trainable=(), parts=("blocks",)):
+    """Wrap the Linear layers named in `targets` inside the submodules `parts` with LoRA and freeze everything else.
 
+    parts: ("blocks",), the DiT blocks, by default; ("text_encoder",) adapts only how captions are read.
     `trainable`: names of submodules kept fully trainable, e.g. ("ref_embedder",) for Self-Distillation's
     new condition projection. Returns the model (changed in place)."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("model already has LoRA layers")
     model.requires_grad_(False)
-    for block in model.blocks:
+    for block in (b for part in parts for b in model.get_submodule(part).children()):
         for name, module in list(block.named_modules()):
             if isinstance(module, nn.Linear) and set(name.split(".")) & set(targets):
                 parent, _, child = name.rpartition(".")

@@ -95,3 +95,31 @@ def test_train_py_default_cuda_run_follows_the_fp32_run(tmp_path):
     assert len(fast) == len(fp32) == 30
     assert fast[-1] < 0.9 * fast[0]  # it trains
     assert all(abs(a - b) / b < 0.05 for a, b in zip(fast, fp32)), list(zip(fast, fp32))
+
+
+def test_dual_process_bf16_compiled_step_matches_fp32():
+    """dual_process.control_loss (no-grad prefix, one grad call, the judge's -log p(Yes) through the pixels) under
+    bf16 autocast + torch.compile gives the fp32 loss and LoRA gradient."""
+    import dual_process as dp
+    import vlm
+    from model import add_lora, lora_parameters
+    torch.manual_seed(0)
+    vlm_model, processor = vlm.build_vlm("tiny")
+    judge = vlm.Judge(vlm_model.cuda(), processor)
+    control = dp.CONTROLS["night"]
+    specs, _, tokens = dp.control_prompts(control, 8, "train", 0)
+    inputs = dict(task=torch.zeros(8, dtype=torch.long, device="cuda"), tokens=tokens.cuda(), cond=None, ref=None)
+    noise = torch.randn(8, 3, 32, 32, device="cuda")
+    out = {}
+    for fast in (False, True):
+        torch._dynamo.reset()
+        model = add_lora(jittered_model("tiny"), 8)
+        e = env(fast)
+        net = torch.compile(model) if e.compile else model
+        with e.ctx:
+            loss, _ = dp.control_loss(net, judge, control, inputs, dp.questions_for(control, specs), noise, 5, 16)
+        loss.backward()
+        out[fast] = loss.item(), torch.cat([p.grad.flatten() for p in lora_parameters(model) if p.grad is not None])
+    (ref_loss, ref_grad), (loss, grad) = out[False], out[True]
+    assert abs(loss - ref_loss) / abs(ref_loss) < 2e-2, (loss, ref_loss)
+    assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.98

@@ -84,8 +84,11 @@ def test_every_text_fits_the_vocabulary():
     for task in data.TASKS:
         b = data.make_batch(task, 200, 32, seed=17, grid_rate=0.2)
         assert b.tokens.shape == (200, world.MAX_TOKENS) and (b.tokens[:, 0] > 0).all()
+    judge_words = set(world.VOCAB) | set(data.QUESTION_WORDS)  # what the VLM's tokenizer is built from
     for family in data.FAMILIES:
-        world.tokenize(data.vqa_batch(family, 40, 32).questions)
+        words = {w for q in data.vqa_batch(family, 40, 32).questions for w in q.split()}
+        assert words <= judge_words, (family, words - judge_words)
+    assert not set(data.QUESTION_WORDS) & set(world.VOCAB)  # the judge's own words, in no caption
 
 
 def test_unknown_word_is_a_clear_error():

@@ -12,6 +12,7 @@ import torch
 import bench
 import common
 import distill_onpolicy as opd
+import dual_process as dp
 import evaluate
 import judges
 import sample
@@ -60,7 +61,8 @@ RUN = {"train": lambda a: train.train(common.parse_config(train.Config(), TINY +
        "distill_onpolicy": lambda a: opd.train(common.parse_config(opd.Config(), TINY + ["--steps=2"] + a)),
        "judges": lambda a: judges.main(common.parse_config(judges.Config(), [
            "--preset=tiny", "--quiet", "--out=jdir", "--results=jres", "--eval_n=2"] + a)),
-       "bench": lambda a: bench.main(common.parse_config(bench.Config(), ["--device=cpu", "--preset=tiny"] + a))}
+       "bench": lambda a: bench.main(common.parse_config(bench.Config(), ["--device=cpu", "--preset=tiny"] + a)),
+       "dual_process": lambda a: dp.train(common.parse_config(dp.Config(), ["--preset=tiny", "--quiet"] + a))}
 EDIT = "--ckpt=out/edit/ckpt.pt"
 EDIT_ARGS = [EDIT, "--task=local_edit", "--prompt=make the red circle blue"]
 CASES = [
@@ -121,6 +123,7 @@ CASES = [
     ("evaluate", ["--name=../x"], "--name='../x' must be a file name or TOPIC/NAME"),
     ("evaluate", ["--n=0"], "--n=0: must be >= 1"),
     ("evaluate", ["--teachers=t2i=out/run/ckpt.pt", "--handover_at=0,four"], "each step must be a whole number"),
+    ("evaluate", ["--handover_at=four"], "each step must be a whole number"),
     ("evaluate", ["--source_probe"], "--source_probe=true needs --teachers=TASK=PATH"),
     ("distill_onpolicy", ["--base=typo/ckpt.pt"], "--base=typo/ckpt.pt: no such file"),
     ("distill_onpolicy", ["--mode=sideways"], "--mode=sideways: must be one of onpolicy, offpolicy, dense"),
@@ -133,7 +136,7 @@ CASES = [
     ("distill_onpolicy", ["--experts=local_edit=nope.pt"], "no such file: nope.pt"),
     ("distill_onpolicy", ["--experts=paint=out/run/ckpt.pt"], "'paint=out/run/ckpt.pt' must be KEY=PATH with KEY"),
     ("distill_onpolicy", ["--compare=out/run/ckpt.pt"], "--compare takes LABEL=PATH"),
-    ("distill_onpolicy", ["--name=a/b"], "must be a file name or TOPIC/NAME"),
+    ("distill_onpolicy", ["--name=a/b"], "--name='a/b' must be a plain file name"),
     ("distill_onpolicy", ["--resume"], "--resume: there is no out/tiny/danceopd/ckpt.pt to continue"),
     ("judges", ["--what=oracle"], "--what=oracle: unknown item 'oracle'"),
     ("judges", ["--vlm_family_batch=same:one"], "bad --vlm_family_batch item 'same:one'"),
@@ -143,6 +146,21 @@ CASES = [
     ("judges", ["--agreement_ckpt=nope.pt"], "--agreement_ckpt=nope.pt: no such file"),
     ("judges", ["--what=aesthetic", "--out=garbage"], "garbage/aesthetic.pt is not a reward model of this project"),
     ("judges", ["--what=vlm", "--out=garbage"], "garbage/vlm is not a saved transformers model"),
+    ("distill_onpolicy", ["--experts=t2i=out/run/ckpt.pt"], "t2i is not an edit task of --tasks"),
+    ("distill_onpolicy", ["--experts=local_edit=out/run/ckpt.pt"], "was trained for t2i, so it cannot teach local_edit"),
+    ("distill_onpolicy", ["--compare=x=junk.pt"], "junk.pt is not a checkpoint of this project"),
+    ("distill_onpolicy", ["--init=out/run/ckpt.pt", "--preset=small"], "is not a --preset=small model"),
+    ("train", ["--resume", "--out=out/run", "--steps=5", "--stop_at=1"], "so --stop_at=1 would go back"),
+    ("judges", ["--families=all,color"], "--families: all stands alone"),
+    ("judges", ["--agreement_ckpt=junk.pt"], "junk.pt is not a checkpoint of this project"),
+    ("dual_process", ["--controls=sparkle"], "--controls: unknown control 'sparkle'"),
+    ("dual_process", ["--controls=custom"], "custom control: --controls=custom needs --questions"),
+    ("dual_process", ["--controls=custom", "--questions=is it night ?", "--oracle=mood=dark"],
+     "--oracle item 'mood=dark' must be ATTR=V1,V2"),
+    ("dual_process", ["--best_of=4,x"], "--best_of=4,x: a comma-separated list of whole numbers >= 1"),
+    ("dual_process", ["--judge=nowhere"], "--judge=nowhere: no such file or directory"),
+    ("dual_process", ["--judge=garbage"], "garbage is not a saved transformers model"),
+    ("dual_process", ["--mode=sometimes"], "--mode=sometimes: must be one of control, prompt, both"),
     ("bench", ["--sample_steps=1,x"], "--sample_steps=1,x: a comma-separated list of whole numbers >= 1"),
     ("bench", ["--out=x.txt"], "--out=x.txt: the file name must end in .json"),
     ("bench", ["--preset=huge"], "--preset=huge: must be one of auto, tiny, small, base"),
@@ -151,9 +169,10 @@ CASES = [
 
 
 def files(root):
-    """{path: content hash} of every file under root."""
+    """{path: content hash} of every file under root, and every folder (None)."""
     out = {}
-    for folder, _, names in os.walk(root):
+    for folder, folders, names in os.walk(root):
+        out.update({os.path.relpath(os.path.join(folder, f), root): None for f in folders})
         for name in names:
             path = os.path.join(folder, name)
             out[os.path.relpath(path, root)] = hashlib.sha1(open(path, "rb").read()).hexdigest()
