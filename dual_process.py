@@ -19,7 +19,10 @@ A control is data: its questions, the prompts it applies to, an optional visual 
 table scores the images with the exact scorer (scorer.parse) beside the judge, so reward hacking shows as the gap.
 Rows: the base; best-of-N with the same judge (N = 4, 16: the test-time alternative to training); the LoRA trained
 over many prompts (--mode=control, a control the generator then has) on held-out prompts; one LoRA per prompt
-(--mode=prompt, the official code's setting). Findings: docs/dual_process.md.
+(--mode=prompt, the official code's setting). Two departures from the official code, each measured in
+docs/dual_process.md: the LoRA sits on the caption encoder (--lora_parts; on the DiT blocks the tiny judge was
+fooled by textures), and --keep adds the judge's questions about what the prompt itself says (its object's shape,
+colour, place, size, outline; its horizon; day or night), so that the control does not redraw the rest.
 """
 import dataclasses
 import json
@@ -48,11 +51,14 @@ class Config:
     preset: str = option("auto", choices=("auto",) + tuple(PRESETS))  # tiny | small | base (auto = base on CUDA,
                                    # small on the CPU)
     base: str = option("", path="file")  # the generator ("" = out/<preset>/base/ckpt.pt, built if missing)
-    judge: str = option("", path="exists")  # a local transformers VLM ("" = out/judges/<preset>/vlm, trained if missing)
+    judge: str = option("", path="exists")  # a local transformers VLM ("" = out/judges/<preset>/vlm, trained if
+                                   # missing)
     controls: str = "thick_outline,horizon_guide,cool_palette,cool_strip,night,large"  # CONTROLS entries, or custom
     questions: str = ""            # custom: the judge's questions, "|"-separated ({color} {shape}: the prompt's object)
     oracle: str = ""               # custom: the exact check, ATTR=V1,V2;ATTR=... (the parsed image must show one)
     prompts: str = ""              # custom: the prompts it applies to, ATTR=V1,V2;... ("" = every one-object prompt)
+    frees: str = ""                # custom: attributes it may change besides the oracle's, ATTR,... (not "kept")
+    visual: str = ""               # custom: a visual prompt drawn over the image for the judge, line=ROW | strip=C1,C2
     mode: str = option("both", choices=("control", "prompt", "both"))  # control: one LoRA over many prompts |
                                    # prompt: one LoRA per prompt | both
     out: str = option("", path="dir")  # run directory ("" = out/<preset>/dual_process): <control>/ckpt.pt, log.jsonl
@@ -104,8 +110,20 @@ class Config:
             ckpt = os.path.join(cfg.out, name, "ckpt.pt")
             if os.path.exists(ckpt) and not cfg.resume:
                 yield f"{ckpt} exists: pass --resume to continue (or re-evaluate) it, or choose another --out"
-            elif os.path.exists(ckpt) and peek(ckpt).get("step", 0) > cfg.steps:
-                yield f"--resume: {ckpt} is at step {peek(ckpt)['step']}, beyond --steps={cfg.steps}"
+            elif os.path.exists(ckpt):
+                yield resume_problem(cfg, ckpt, peek(ckpt))
+
+
+def resume_problem(cfg, ckpt, saved):
+    """What forbids continuing the checkpoint `ckpt` (its peeked dict) under cfg, or "": a resume goes forward only,
+    with the LoRA it was saved with."""
+    made, old = saved.get("step", 0), saved.get("config", {})
+    if made > cfg.steps:
+        return f"--resume: {ckpt} is at step {made}, beyond --steps={cfg.steps}"
+    if cfg.stop_at and (cfg.stop_at < made or cfg.stop_at == made < cfg.steps):
+        return f"--resume: {ckpt} is already at step {made}; --stop_at={cfg.stop_at} would go back (or stay)"
+    changed = [k for k in ("preset", "lora_rank", "lora_parts", "lora_scale") if k in old and old[k] != getattr(cfg, k)]
+    return f"--resume: {ckpt} was trained with --{changed[0]}={old[changed[0]]}" if changed else ""
 
 
 @dataclass
@@ -134,6 +152,7 @@ CONTROLS = {
     "large": Control(("is the {color} {shape} large ?",), dict(size=("small",)), dict(size=("large",))),
 }
 SCENE_ATTRS = ("sky", "ground", "horizon")
+TRAIN_PROMPTS = 4096  # the prompts a control trains on; the evaluation's are other scenes
 
 
 # ----------------------------------------------------------------------------- the control's pieces
@@ -144,13 +163,18 @@ def attribute(scene, name):
     return getattr(scene.objects[0], name) if len(scene.objects) == 1 else None
 
 
-def control_prompts(control, n, split, seed, text_len=world.ONE_OBJECT_TOKENS):
-    """n one-object scenes the control applies to, their captions and tokens (deterministic in seed, split)."""
-    rng, specs = np.random.default_rng([seed, data.SPLITS.index(split), 7]), []
-    while len(specs) < n:
+def control_prompts(control, n, split, seed, text_len=world.ONE_OBJECT_TOKENS, exclude=()):
+    """n one-object scenes the control applies to, none of them in `exclude` (scenes), their captions and tokens
+    (deterministic in seed, split). A ValueError if scenes of the kind are too rare to find."""
+    rng, specs, exclude = np.random.default_rng([seed, data.SPLITS.index(split), 7]), [], set(map(repr, exclude))
+    for tries in range(1000 * n + 100_000):
         s = world.sample_scene(rng, split, n_objects=1)
-        if all(attribute(s, k) in v for k, v in control.prompts.items()):
+        if all(attribute(s, k) in v for k, v in control.prompts.items()) and repr(s) not in exclude:
             specs.append(s)
+        if len(specs) == n:
+            break
+    else:
+        raise ValueError(f"found {len(specs)} of {n} one-object scenes with {control.prompts}: check the values")
     texts = [world.caption(s, rng) for s in specs]
     return specs, texts, world.tokenize(texts, text_len)
 
@@ -171,14 +195,16 @@ def questions_for(control, specs):
 
 def keep_questions(control, specs):
     """The questions that hold the prompt's own attributes, for each prompt: [[(question, answer), ...] per prompt];
-    the horizon's is "is there a horizon ?" answered No for a prompt without one."""
+    the horizon's is "is there a horizon ?" answered No for a prompt without one; "is it night ?" holds the sky
+    light or dark (without it thick outlines came with dark skies: the sky broke in 41% of the images)."""
     changed = set(control.oracle) | set(control.frees)
     templates = [q for q, names in KEEP_QUESTIONS if not changed & set(names)]
     fill = lambda o: dict(cell=world.CELLS[o.cell], shape=o.shape, color=o.color, size=o.size,
                           outline=("no outline", "a thin outline", "a thick outline")[o.line])
     horizon = lambda s: [] if "horizon" in changed else \
         [("is there a horizon ?", False)] if s.horizon == "none" else [(f"is the horizon {s.horizon} ?", True)]
-    return [[(q.format(**fill(s.objects[0])), True) for q in templates] + horizon(s) for s in specs]
+    night = lambda s: [] if "sky" in changed else [("is it night ?", s.sky in DARK)]  # the sky's light or dark
+    return [[(q.format(**fill(s.objects[0])), True) for q in templates] + horizon(s) + night(s) for s in specs]
 
 
 def judge_log_p(judge, images, questions, visual=None):
@@ -192,7 +218,7 @@ def judge_log_p(judge, images, questions, visual=None):
     return log_p.gather(1, answer[:, None]).view(len(images), k).mean(1)
 
 
-def control_loss(model, judge, control, inputs, questions, noise, i, steps, base=None, anchor=0.0, kept=None,
+def control_loss(model, judge, control, inputs, questions, noise, i, steps, *, base=None, anchor=0.0, kept=None,
                  keep=0.0, detach_image=False):
     """Steps 2-5 on one batch: the first i Euler steps without gradient, one with, the judge's -log p(Yes) on the
     control's questions; with keep > 0, plus keep * that on the questions `kept` that hold the prompt (--keep); with
@@ -223,48 +249,78 @@ def oracle_check(control, found):
 
 def caption_kept(control, found, specs):
     """(B,) bool: in each parsed image, every attribute of its prompt that the control does not change (oracle,
-    frees) is still right, and there is exactly one object."""
+    frees) is still right, and there is exactly one object; and {attribute: fraction of images where it is wrong}
+    ("objects": not exactly one object), which says what a control breaks."""
     keep = [a for a in scorer.OBJECT_ATTRS + SCENE_ATTRS if a not in control.oracle and a not in control.frees]
-    return torch.tensor([len(f.objects) == 1 and all(attribute(f, a) == attribute(s, a) for a in keep)
-                         for f, s in zip(found, specs)])
+    one = torch.tensor([len(f.objects) == 1 for f in found])
+    right = {a: torch.tensor([attribute(f, a) == attribute(s, a) for f, s in zip(found, specs)]) for a in keep}
+    rate = lambda wrong: wrong.float().mean().item()
+    broken = dict(objects=rate(~one), **{a: rate(~r & one) for a, r in right.items()})
+    return one & torch.stack(list(right.values())).all(0), broken
+
+
+VALUES = dict(shape=world.SHAPES, color=tuple(world.COLORS), size=tuple(world.SIZES), cell=tuple(range(9)),
+              line=world.LINES, sky=tuple(world.BACKGROUNDS), ground=tuple(world.BACKGROUNDS),
+              horizon=tuple(world.HORIZONS))  # what each attribute of a scene can be
 
 
 def custom_control(cfg):
-    """The control given by --questions, --oracle and --prompts ("ATTR=V1,V2;ATTR=..."); a ValueError if bad."""
-    def parse(text, what):
+    """The control given by --questions, --oracle, --prompts, --frees and --visual; a ValueError if bad."""
+    def parse(text, what):                                                         # ATTR=V1,V2;ATTR=...
         out = {}
         for item in filter(None, text.split(";")):
             key, eq, values = item.partition("=")
-            if key not in scorer.OBJECT_ATTRS + SCENE_ATTRS or not eq or not values:
-                raise ValueError(f"--{what} item {item!r} must be ATTR=V1,V2 with ATTR one of "
-                                 + ", ".join(scorer.OBJECT_ATTRS + SCENE_ATTRS))
-            out[key] = tuple(int(v) if key == "line" else v for v in values.split(","))
+            if key not in VALUES or not eq or not values:
+                raise ValueError(f"--{what} item {item!r} must be ATTR=V1,V2 with ATTR one of {', '.join(VALUES)}")
+            kind = type(VALUES[key][0])
+            bad = [v for v in values.split(",") if v not in map(str, VALUES[key])]
+            if bad:
+                raise ValueError(f"--{what}: {key} cannot be {bad[0]!r} (one of {', '.join(map(str, VALUES[key]))})")
+            out[key] = tuple(kind(v) for v in values.split(","))
         return out
     if not cfg.questions or not cfg.oracle:
         raise ValueError("--controls=custom needs --questions=... and --oracle=ATTR=V1,V2")
-    return Control(tuple(cfg.questions.split("|")), parse(cfg.prompts, "prompts"), parse(cfg.oracle, "oracle"))
+    frees = tuple(filter(None, cfg.frees.split(",")))
+    if set(frees) - set(VALUES):
+        raise ValueError(f"--frees: unknown attribute {sorted(set(frees) - set(VALUES))[0]!r}")
+    visual = None
+    if cfg.visual:                                                                 # line=ROW | strip=C1,C2,C3
+        kind, _, value = cfg.visual.partition("=")
+        if kind == "line" and value in ("high", "middle", "low"):
+            visual = ("line", world.HORIZONS[value])
+        elif kind == "strip" and value and all(c in world.COLORS for c in value.split(",")):
+            visual = ("strip", tuple(value.split(",")))
+        else:
+            raise ValueError(f"--visual={cfg.visual!r} must be line=high|middle|low or strip=COLOR,COLOR,...")
+    return Control(tuple(cfg.questions.split("|")), parse(cfg.prompts, "prompts"), parse(cfg.oracle, "oracle"),
+                   visual, frees)
 
 
 # ----------------------------------------------------------------------------- training a LoRA
 def train_lora(cfg, env, base_state, mcfg, judge, control, specs, tokens, steps, log=None, ckpt_path=None):
     """A fresh LoRA on the frozen base, trained `steps` steps on the control over (specs, tokens): each step draws
     batch_size of them and as many noises from the pool. With ckpt_path: checkpoints, and --resume continues.
-    Returns the merged model (a plain DiT) and the training seconds."""
+    Returns the merged model (a plain DiT), the training seconds (all of them, across resumes) and the last step."""
     torch.manual_seed(cfg.seed)                                                    # the LoRA init
     model = DiT(mcfg)
     model.load_state_dict(base_state)
     add_lora(model, cfg.lora_rank, cfg.lora_scale, parts=tuple(cfg.lora_parts.split(",")))  # the rest frozen
     model = model.to(env.device).train()
-    base = DiT(mcfg)                                                               # frozen, for --anchor
-    base.load_state_dict(base_state)
-    base = base.to(env.device).eval().requires_grad_(False)
+    base = None
+    if cfg.anchor:                                                                 # frozen, for --anchor
+        base = DiT(mcfg)
+        base.load_state_dict(base_state)
+        base = base.to(env.device).eval().requires_grad_(False)
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=env.device.type == "cuda")
-    start = 0
+    start, before = 0, 0.0                                                         # steps and seconds so far
     if ckpt_path and cfg.resume and os.path.exists(ckpt_path):
         ck = load_checkpoint(ckpt_path, mcfg)
+        missing = {k for k in model.state_dict() if "lora_" in k} - set(ck["lora"])
+        if missing or set(ck["lora"]) - set(model.state_dict()):
+            raise SystemExit(f"--resume: {ckpt_path} holds another LoRA ({len(missing)} of this one's tensors missing)")
         model.load_state_dict(ck["lora"], strict=False), opt.load_state_dict(ck["opt"])
-        start = ck["step"]
+        start, before = ck["step"], ck.get("seconds", 0.0)
     train_model = torch.compile(model) if env.compile else model
     pool = torch.randn(cfg.noise_pool, 3, mcfg.image_size, mcfg.image_size,
                        generator=torch.Generator().manual_seed(cfg.seed)).to(env.device)
@@ -275,20 +331,22 @@ def train_lora(cfg, env, base_state, mcfg, judge, control, specs, tokens, steps,
         lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
         merged = merged_copy(model).state_dict()
         save_checkpoint(ckpt_path, lora=lora, opt=opt.state_dict(), step=step, model=merged, ema=merged,
-                        tasks=["t2i"], config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mcfg))
+                        seconds=before + time.time() - t0, tasks=["t2i"], config=dataclasses.asdict(cfg),
+                        model_config=dataclasses.asdict(mcfg))
 
     for step in tqdm(range(start, end), initial=start, total=steps, disable=cfg.quiet or log is None):
         if ckpt_path and step > start and step % cfg.ckpt_every == 0:             # checkpoint
             save(step)
         gen = step_generator(cfg.seed, step)                                       # batch: prompts, noises, i
-        pick = torch.randint(len(specs), (cfg.batch_size,), generator=gen).tolist()  # one prompt: B noises of it
+        pick = torch.randint(len(specs), (cfg.batch_size,), generator=gen).tolist()  # B prompts, with replacement
         noise = pool[torch.randint(cfg.noise_pool, (len(pick),), generator=gen).to(env.device)]
         i = int(torch.randint(cfg.sample_steps, (1,), generator=gen))
         inputs = dict(task=torch.zeros(len(pick), dtype=torch.long, device=env.device),
                       tokens=tokens[pick].to(env.device), cond=None, ref=None)
         with env.ctx:                                                              # forward under ctx
             loss, logs = control_loss(train_model, judge, control, inputs, [questions[k] for k in pick], noise, i,
-                                      cfg.sample_steps, base, cfg.anchor, [kept[k] for k in pick], cfg.keep)
+                                      cfg.sample_steps, base=base, anchor=cfg.anchor, kept=[kept[k] for k in pick],
+                                      keep=cfg.keep)
         loss.backward()                                                            # backward, clip, step
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -299,7 +357,7 @@ def train_lora(cfg, env, base_state, mcfg, judge, control, specs, tokens, steps,
             log.flush()
     if ckpt_path:
         save(end)
-    return merged_copy(model), time.time() - t0, end
+    return merged_copy(model), before + time.time() - t0, end
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -314,10 +372,11 @@ def generate(model, tokens, noise, steps, device):
 def score_row(control, judge, images, specs, questions):
     """Oracle success, the judge's p(Yes) and its yes-rate, their gap, and the caption kept, for one row."""
     log_p, found = judge_log_p(judge, images, questions, control.visual), [scorer.parse(x) for x in images]
-    oracle, kept = oracle_check(control, found).float(), caption_kept(control, found, specs).float()
+    (kept, broken), oracle = caption_kept(control, found, specs), oracle_check(control, found).float()
     judge_yes = (log_p > np.log(0.5)).float()
     return dict(oracle=oracle.mean().item(), judge_p_yes=log_p.exp().mean().item(), judge_yes=judge_yes.mean().item(),
-                gap=(judge_yes.mean() - oracle.mean()).item(), caption_kept=kept.mean().item(), n=len(images))
+                gap=(judge_yes.mean() - oracle.mean()).item(), caption_kept=kept.float().mean().item(), broken=broken,
+                n=len(images))
 
 
 @torch.no_grad()
@@ -328,7 +387,19 @@ def best_of(model, judge, control, tokens, questions, noises, steps, device):
     return candidates[scores.argmax(0), torch.arange(candidates.shape[1])]
 
 
-def eval_noise(n, mcfg, k, seed):
+def timed(fn):
+    """fn() and its wall-clock seconds, with the GPU's queued work finished before the clock stops."""
+    t0 = time.time()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.time() - t0
+
+
+EVAL_SEED = 10_000  # evaluation noise, apart from the training pool's (seeded by --seed)
+
+
+def eval_noise(n, mcfg, k, seed=EVAL_SEED):
     """The k-th evaluation noise of n prompts: k = 0 is every row's own sample, k > 0 best-of-N's other candidates."""
     return torch.randn(n, 3, mcfg.image_size, mcfg.image_size, generator=torch.Generator().manual_seed(seed + k))
 
@@ -343,20 +414,21 @@ def save_pair(path, base, trained, n=8):
 def evaluate_control(cfg, env, mcfg, generator, base_state, judge, name, control, model, seconds):
     """The table rows of one control on cfg.eval_n held-out prompts, each row from the same noise: the base,
     best-of-N, the LoRA trained over many prompts (`model`, if any), and one LoRA per prompt (--mode=prompt)."""
-    specs, _, tokens = control_prompts(control, cfg.eval_n, "test", cfg.seed, mcfg.max_text_len)
+    seen = control_prompts(control, TRAIN_PROMPTS, "train", cfg.seed)[0]                # held out: none of these
+    specs, _, tokens = control_prompts(control, cfg.eval_n, "test", cfg.seed, mcfg.max_text_len, exclude=seen)
     questions, rows = questions_for(control, specs), {}
-    noise = eval_noise(cfg.eval_n, mcfg, 0, 10_000).to(env.device)
-    t0 = time.time()
-    base_images = generate(generator, tokens, noise, cfg.sample_steps, env.device)
-    per_image = (time.time() - t0) / cfg.eval_n
+    noise = eval_noise(cfg.eval_n, mcfg, 0).to(env.device)
+    generate(generator, tokens[:1], noise[:1], cfg.sample_steps, env.device)     # warm-up, untimed
+    base_images, seconds_base = timed(lambda: generate(generator, tokens, noise, cfg.sample_steps, env.device))
+    per_image = seconds_base / cfg.eval_n
     rows["base"] = dict(score_row(control, judge, base_images, specs, questions), train_s=0.0,
                         sample_ms=1e3 * per_image)
     for n in (int(n) for n in cfg.best_of.split(",") if n):
-        noises = torch.stack([eval_noise(cfg.eval_n, mcfg, k, 10_000) for k in range(n)]).to(env.device)
-        t0 = time.time()
-        chosen = best_of(generator, judge, control, tokens, questions, noises, cfg.sample_steps, env.device)
+        noises = torch.stack([eval_noise(cfg.eval_n, mcfg, k) for k in range(n)]).to(env.device)
+        chosen, spent = timed(lambda: best_of(generator, judge, control, tokens, questions, noises, cfg.sample_steps,
+                                              env.device))
         rows[f"best-of-{n}"] = dict(score_row(control, judge, chosen, specs, questions), train_s=0.0,
-                                    sample_ms=1e3 * (time.time() - t0) / cfg.eval_n)
+                                    sample_ms=1e3 * spent / cfg.eval_n)
     if model is not None:
         images = generate(model.eval(), tokens, noise, cfg.sample_steps, env.device)
         rows["LoRA, one per control"] = dict(score_row(control, judge, images, specs, questions), train_s=seconds,
@@ -401,7 +473,7 @@ def train(cfg):
     results, lines = {}, []
     os.makedirs(cfg.out, exist_ok=True)
     for name, control in controls.items():
-        specs, _, tokens = control_prompts(control, 4096, "train", cfg.seed, mcfg.max_text_len)
+        specs, _, tokens = control_prompts(control, TRAIN_PROMPTS, "train", cfg.seed, mcfg.max_text_len)
         model, seconds, end = None, 0.0, cfg.steps
         if cfg.mode in ("control", "both"):                                        # one LoRA over many prompts
             with open(os.path.join(cfg.out, f"{name}_log.jsonl"), "a") as log:
@@ -419,20 +491,30 @@ def train(cfg):
 
 
 def head_line(cfg):
-    return (f"Dual-Process controls, preset {cfg.preset}: {cfg.eval_n} held-out prompts per control, {cfg.sample_steps} "
-            f"Euler steps; LoRA rank {cfg.lora_rank}, {cfg.steps} steps of {cfg.batch_size} prompts at lr {cfg.lr} "
-            f"(per prompt: {cfg.prompt_steps} steps). oracle = the exact scorer's check; judge = the training VLM's "
-            f"mean p(Yes) and its yes-rate; gap = yes-rate - oracle; kept = the prompt's other attributes all right. "
+    return (f"Dual-Process controls, preset {cfg.preset}: {cfg.eval_n} held-out prompts per control, "
+            f"{cfg.sample_steps} Euler steps; LoRA rank {cfg.lora_rank}, {cfg.steps} steps of {cfg.batch_size} prompts "
+            f"at lr {cfg.lr} (per prompt: {cfg.prompt_steps} steps). oracle = the exact scorer's check; judge = the "
+            f"training VLM's mean p(Yes) (per image, the geometric mean over the control's questions) and its "
+            f"yes-rate (p > 0.5); gap = yes-rate - oracle; kept = the prompt's other attributes all right (most "
+            f"broken: the attribute wrong most often, and how often). "
             f"Command: `python dual_process.py {command_args(cfg)}`")
 
 
 def table_lines(name, control, rows, cfg):
     q = " / ".join(control.questions) + (f" (visual prompt {control.visual[0]})" if control.visual else "")
     return ["", f"**{name}**: {q}; oracle {control.oracle}", "",
-            "| row | oracle | judge p(Yes) | judge yes | gap | caption kept | train s | sample ms/image |",
-            "|---|---|---|---|---|---|---|---|"] + \
+            "| row | oracle | judge p(Yes) | judge yes | gap | caption kept | most broken | train s "
+            "| sample ms/image |",
+            "|---|---|---|---|---|---|---|---|---|"] + \
         [f"| {row} | {r['oracle']:.3f} | {r['judge_p_yes']:.3f} | {r['judge_yes']:.3f} | {r['gap']:+.3f} | "
-         f"{r['caption_kept']:.3f} | {r['train_s']:.0f} | {r['sample_ms']:.1f} |" for row, r in rows.items()]
+         f"{r['caption_kept']:.3f} | {most_broken(r['broken'])} | {r['train_s']:.0f} | {r['sample_ms']:.1f} |"
+         for row, r in rows.items()]
+
+
+def most_broken(broken):
+    """The attribute a row breaks most often, with its rate ("-" when none breaks)."""
+    name, rate = max(broken.items(), key=lambda kv: kv[1])
+    return f"{name} {rate:.2f}" if rate else "-"
 
 
 def command_args(cfg):

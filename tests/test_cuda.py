@@ -98,8 +98,9 @@ def test_train_py_default_cuda_run_follows_the_fp32_run(tmp_path):
 
 
 def test_dual_process_bf16_compiled_step_matches_fp32():
-    """dual_process.control_loss (no-grad prefix, one grad call, the judge's -log p(Yes) through the pixels) under
-    bf16 autocast + torch.compile gives the fp32 loss and LoRA gradient."""
+    """dual_process.control_loss (no-grad prefix, one grad call, the judge's -log p(Yes) through the pixels, the
+    keep questions; the LoRA where the script puts it) under bf16 autocast + torch.compile gives the fp32 loss and
+    LoRA gradient."""
     import dual_process as dp
     import vlm
     from model import add_lora, lora_parameters
@@ -113,11 +114,12 @@ def test_dual_process_bf16_compiled_step_matches_fp32():
     out = {}
     for fast in (False, True):
         torch._dynamo.reset()
-        model = add_lora(jittered_model("tiny"), 8)
+        model = add_lora(jittered_model("tiny"), 8, parts=tuple(dp.Config.lora_parts.split(",")))  # the default
         e = env(fast)
         net = torch.compile(model) if e.compile else model
-        with e.ctx:
-            loss, _ = dp.control_loss(net, judge, control, inputs, dp.questions_for(control, specs), noise, 5, 16)
+        with e.ctx:                                                     # with the default keep questions
+            loss, _ = dp.control_loss(net, judge, control, inputs, dp.questions_for(control, specs), noise, 5, 16,
+                                      kept=dp.keep_questions(control, specs), keep=dp.Config.keep)
         loss.backward()
         out[fast] = loss.item(), torch.cat([p.grad.flatten() for p in lora_parameters(model) if p.grad is not None])
     (ref_loss, ref_grad), (loss, grad) = out[False], out[True]

@@ -65,10 +65,28 @@ def test_prompts_questions_and_oracle_follow_the_control():
     parse = lambda scenes: [scorer.parse(x) for x in world.render(scenes, 32)]
     assert dp.oracle_check(control, parse(thick)).all()          # the renders that show the control pass
     assert not dp.oracle_check(control, parse(specs)).any()      # the prompts' own renders do not
-    assert dp.caption_kept(control, parse(thick), specs).all()   # the outline is free, the rest kept
+    kept, broken = dp.caption_kept(control, parse(thick), specs)
+    assert kept.all() and not any(broken.values())               # the outline is free, the rest kept
     moved = [dataclasses.replace(s, objects=[dataclasses.replace(s.objects[0], cell=(s.objects[0].cell + 1) % 9)])
              for s in thick]
-    assert not dp.caption_kept(control, parse(moved), specs).any()  # anything else changed is not
+    kept, broken = dp.caption_kept(control, parse(moved), specs)
+    assert not kept.any() and broken["cell"] == 1.0 and broken["color"] == 0.0  # anything else changed is not,
+                                                                                # and it is named
+
+
+def test_keep_questions_hold_what_the_control_leaves_and_the_judge_knows_their_words(judge):
+    words = set(judge.processor.tokenizer.get_vocab())
+    for name, control in dp.CONTROLS.items():
+        specs, _, _ = dp.control_prompts(control, 16, "test", 0)
+        for s, asked in zip(specs, dp.keep_questions(control, specs)):
+            text = dict(asked)
+            assert all(w in words for q in text for w in q.split())          # no word the judge never saw
+            assert ("is it night ?" in text) == (name != "night")            # the sky held unless it is the control
+            if name != "night":
+                assert text["is it night ?"] == (s.sky in dp.DARK)
+            assert any("horizon" in q for q in text) == (name != "horizon_guide")
+            assert not any("outline" in q for q in text) or name != "thick_outline"
+            assert all(answer for q, answer in asked if "horizon" not in q and "night" not in q)  # the prompt's own
 
 
 def test_only_the_lora_learns_and_the_judge_and_base_stay_bitwise(judge):
@@ -140,19 +158,19 @@ def test_visual_prompts_are_drawn_and_differentiable(prompt):
 
 
 def test_a_tiny_run_raises_the_judges_log_p_yes(judge):
-    """With a random tiny judge and base, 40 steps on one batch of prompts raise the judge's mean log p(Yes) on
-    their questions, for the images the full sampler makes from fixed noises."""
+    """With a random tiny judge and base, 40 steps of the script's own loop (train_lora: the default LoRA placement
+    and keep questions) raise the judge's mean log p(Yes) on the control's questions, for the images the full
+    sampler makes from fixed noises."""
     base, control = jittered(), dp.CONTROLS["large"]
     specs, inputs, questions = batch(control, 8, seed=3)
     noise = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     score = lambda m: dp.judge_log_p(judge, dp.euler(m, noise, inputs, 8).clamp(-1, 1), questions).mean().item()
-    model = add_lora(copy.deepcopy(base), 8, 1.0)
-    before, opt = score(model), torch.optim.AdamW(lora_parameters(model), lr=1e-2)
-    for step in range(40):
-        loss, _ = dp.control_loss(model, judge, control, inputs, questions, noise, step % 8, 8)
-        loss.backward()
-        opt.step(), opt.zero_grad()
-    assert score(model) > before + 0.05, (before, score(model))
+    cfg = dp.Config(preset="tiny", device="cpu", steps=40, batch_size=8, lr=1e-2, lora_rank=8, sample_steps=8,
+                    noise_pool=8, quiet=True)
+    model, seconds, end = dp.train_lora(cfg, common.setup(cfg), base.state_dict(), MCFG, judge, control, specs,
+                                        inputs["tokens"], cfg.steps)
+    assert end == 40 and seconds > 0
+    assert score(model) > score(base) + 0.05, (score(base), score(model))
 
 
 def run(args):
@@ -179,5 +197,11 @@ def test_a_control_given_as_data_runs_and_resume_equals_an_uninterrupted_run(fil
     run(args + ["--out=b", "--resume", "--eval_n=0"])
     a, b = (torch.load(f"{d}/custom/ckpt.pt", weights_only=True) for d in "ab")
     assert a["step"] == b["step"] == 4 and all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
+    moments = lambda ck: [t for s in ck["opt"]["state"].values() for t in (s["exp_avg"], s["exp_avg_sq"])]
+    assert all(torch.equal(x, y) for x, y in zip(moments(a), moments(b))) and len(moments(a)) > 0
+    with pytest.raises(SystemExit, match="would go back"):
+        run(args + ["--out=b", "--resume", "--stop_at=2"])
+    with pytest.raises(SystemExit, match="was trained with --lora_parts=text_encoder.blocks"):
+        run(args + ["--out=b", "--resume", "--lora_parts=blocks"])
     with pytest.raises(SystemExit, match="exists: pass --resume"):
         run(args + ["--out=a"])
