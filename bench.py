@@ -33,7 +33,7 @@ import world
 import distill_onpolicy as opd
 import train
 from common import check_config, ema_update, model_inputs, option, parse_config, setup, step_generator
-from model import PRESETS, DiT, count_params, preset
+from model import PRESETS, DiT, compile_blocks, count_params, preset
 from sample import euler
 
 
@@ -182,15 +182,17 @@ def one_object(mcfg):
     return int(mcfg.max_text_len < world.MAX_TOKENS)
 
 
-def compiled(module, on, mode=None):
-    """torch.compile (if on) from a clean dynamo cache: each variant compiles on its own, and the graphs and
-    weights of the previous one are freed before its peak memory is measured."""
+def compiled(module, how, mode=None):
+    """module as the variant `how` runs it, from a clean dynamo cache (each variant compiles on its own, and the
+    graphs and weights of the previous one are freed before its peak memory is measured): eager; compiled, the
+    whole model (torch.compile, as the scripts do); regional, each block in place (model.compile_blocks)."""
     torch._dynamo.reset()
     gc.collect()
-    return torch.compile(module, mode=mode) if on else module
+    return torch.compile(module, mode=mode) if how == "compiled" else compile_blocks(module) if how == "regional" \
+        else module
 
 
-def flow_matching_bench(cfg, env, mcfg, compile_on):
+def flow_matching_bench(cfg, env, mcfg, how):
     """train.py's step on `task`: forward + loss under ctx, backward, clip, AdamW, EMA. -> measure() dict."""
     tcfg = train.Config(task=cfg.task, batch_size=cfg.batch_size, seed=cfg.seed, text_len=mcfg.max_text_len,
                         n_objects=one_object(mcfg))
@@ -199,7 +201,7 @@ def flow_matching_bench(cfg, env, mcfg, compile_on):
     model = DiT(mcfg).to(env.device)
     ema = DiT(mcfg).to(env.device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.99), fused=env.device.type == "cuda")
-    train_model = compiled(model, compile_on)
+    train_model = compiled(model, how)
 
     def step():
         with env.ctx:
@@ -213,7 +215,7 @@ def flow_matching_bench(cfg, env, mcfg, compile_on):
     return measure(step, cfg.warmup, cfg.iters, env.device)
 
 
-def danceopd_bench(cfg, env, mcfg, dcfg, compile_on):
+def danceopd_bench(cfg, env, mcfg, dcfg, how):
     """distill_onpolicy.py's step: distill_loss under ctx (rollout, teacher query, student forward), backward,
     clip, AdamW on the LoRA weights; the teacher is an untrained DiT (speed does not depend on the weights)."""
     batch = opd.get_batch(dcfg, [cfg.task], 0, mcfg.image_size, env.device, mcfg.max_text_len,
@@ -223,8 +225,9 @@ def danceopd_bench(cfg, env, mcfg, dcfg, compile_on):
     student = opd.make_student(teacher.state_dict(), mcfg, dcfg.lora_rank, dcfg.lora_scale, env.device)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=dcfg.lr, fused=env.device.type == "cuda")
-    train_student = compiled(student, compile_on)
-    fields = {cfg.task: torch.compile(teacher) if compile_on else teacher}  # as distill_onpolicy.train does
+    train_student = compiled(student, how)
+    fields = {cfg.task: torch.compile(teacher) if how == "compiled" else compile_blocks(teacher) if how == "regional"
+              else teacher}                                                 # as distill_onpolicy.train does
     calls = itertools.count()
 
     def step():
@@ -249,7 +252,7 @@ def sampling_bench(cfg, env, mcfg, modes):
     for mode, compile_mode in modes.items():
         for n, b in batches.items():
             inputs, noise = model_inputs(b), torch.randn_like(b.target)
-            net = compiled(model, mode != "eager", compile_mode)
+            net = compiled(model, "eager" if mode == "eager" else "compiled", compile_mode)
             with env.ctx:
                 warm = measure(lambda: euler(net, noise, inputs, 1, cfg.cfg_scale), cfg.warmup, 1, env.device)
                 for steps in map(int, cfg.sample_steps.split(",")):
@@ -284,7 +287,7 @@ def main(cfg):
     gemm = peak_gemm(cfg.gemm_size, env.device, cfg.warmup, cfg.iters)
     print(f"peak GEMM {cfg.gemm_size}^3 {gemm['dtype']}: {gemm['tflops']:.2f} TFLOP/s")
 
-    variants = ["eager"] + (["compiled"] if env.compile else [])
+    variants = ["eager"] + (["compiled", "regional"] if env.compile else [])  # regional: model.compile_blocks
     step_flops = dict(flow_matching=3 * forward_flops(mcfg, cfg.task, cfg.batch_size)["total"],
                       danceopd=danceopd_step_flops(mcfg, dcfg, cfg.task, cfg.batch_size))
     results = {}
@@ -292,7 +295,7 @@ def main(cfg):
                           ("danceopd", lambda on: danceopd_bench(cfg, env, mcfg, dcfg, on))):
         results[method] = dict(step_gflop=step_flops[method] / 1e9)
         for variant in variants:
-            r = bench(variant == "compiled")
+            r = bench(variant)
             tflops = step_flops[method] / r["seconds"] / 1e12
             results[method][variant] = dict(images_per_s=cfg.batch_size / r["seconds"], step_ms=1e3 * r["seconds"],
                                             tflops=tflops, mfu=tflops / gemm["tflops"], warmup_s=r["warmup_s"],

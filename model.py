@@ -255,22 +255,34 @@ class DiT(nn.Module):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, x, t, task, tokens, cond=None, ref=None):
-        """x (B, 3, H, W) noisy target x_t in [-1, 1] space; t (B,) in [0, 1], 1 = noise; task (B,) long;
-        tokens (B, L) long, pads = 0; cond (B, 4, H, W) pixel-aligned [image | mask] or None;
-        ref (B, 3, H, W) reference image or None. Returns v (B, 3, H, W)."""
-        p, L = self.config.patch_size, self.config.max_text_len
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if tokens.shape[1] > L:  # padded longer than this model's captions (world.MAX_TOKENS): drop pads, never words
+    def trim(self, tokens):
+        """tokens padded longer than this model's captions (world.MAX_TOKENS) cut to its length: pads, never words."""
+        L = self.config.max_text_len
+        if tokens.shape[1] > L:
             if tokens[:, L:].any():
                 raise ValueError(f"caption has {int((tokens != 0).sum(1).max())} tokens, the model takes at most {L}")
             tokens = tokens[:, :L]
+        return tokens
+
+    def encode_text(self, tokens):
+        """The caption's features (B, L, D): they depend on neither x nor t, so a sampler computes them once per
+        prompt and passes them back as forward(..., text=)."""
+        return self.text_encoder(self.trim(tokens))
+
+    def forward(self, x, t, task, tokens, cond=None, ref=None, text=None):
+        """x (B, 3, H, W) noisy target x_t in [-1, 1] space; t (B,) in [0, 1], 1 = noise; task (B,) long;
+        tokens (B, L) long, pads = 0; cond (B, 4, H, W) pixel-aligned [image | mask] or None;
+        ref (B, 3, H, W) reference image or None; text (B, L, D) encode_text(tokens), or None to compute it.
+        Returns v (B, 3, H, W)."""
+        p = self.config.patch_size
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        tokens = self.trim(tokens)
         h = self.x_embedder(patchify(x, p)) + self.pos_embed                       # (B, N, D)
         if cond is not None:
             h = h + self.cond_embedder(patchify(cond, p))                          # (B, N, D)
         task_emb = self.task_embedder(task)                                        # (B, D)
-        text = self.text_encoder(tokens)                                           # (B, L, D)
+        text = self.text_encoder(tokens) if text is None else text                 # (B, L, D)
         seq = [task_emb[:, None], text]
         if ref is not None:
             seq.append(self.ref_embedder(patchify(ref, p)) + self.pos_embed + self.ref_type)  # (B, N, D)
@@ -288,6 +300,16 @@ class DiT(nn.Module):
         if self.conv_head is not None:
             v = v + self.conv_head(torch.cat([out, x.to(out.dtype)], dim=1))       # (B, 3, H, W)
         return v
+
+
+def compile_blocks(model: DiT) -> DiT:
+    """Regional compilation: torch.compile each transformer block in place (text blocks included) and leave the
+    embedders and the head eager. The repeated blocks share one graph, so compiling takes seconds, not a minute, and
+    T2I and edit inputs (cond None or not) reach the blocks with the same shapes: no recompile between them, where
+    compiling the whole model recompiles on `cond is None` (TORCH_LOGS=recompiles). Returns the model."""
+    for block in list(model.blocks) + list(model.text_encoder.blocks):
+        block.compile()
+    return model
 
 
 # ------------------------------------------------------------------------------------------------- LoRA

@@ -56,14 +56,31 @@ def timesteps(n, shift=1.0, device=None):
 def guided_velocity(model, x, t, cond: dict, cfg_scale=1.0, empty_tokens=None):
     """v_uncond + cfg_scale (v_cond - v_uncond), with both halves in one batched model call.
 
-    t: (B,) or a scalar. empty_tokens: the caption of the unconditional half, default all pads (zeros)."""
+    t: (B,) or a scalar. empty_tokens: the caption of the unconditional half, default all pads (zeros).
+    cond may carry the captions' features, text and empty_text (with_text), computed once per prompt."""
     t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    cond, empty_text = {k: v for k, v in cond.items() if k != "empty_text"}, cond.get("empty_text")
     if cfg_scale == 1.0:
         return model(x, t, **cond)
     uncond = dict(cond, tokens=torch.zeros_like(cond["tokens"]) if empty_tokens is None else empty_tokens)
+    if "text" in cond:
+        uncond["text"] = empty_text
     both = {k: None if v is None else torch.cat([v, uncond[k]]) for k, v in cond.items()}
     v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+
+def with_text(model, cond: dict, cfg_scale=1.0):
+    """cond plus the captions' features, for a whole sampler: the text encoder runs once per prompt, not once per
+    step (and, with CFG, once on the empty caption). A model without encode_text (a wrapper, a list of
+    fields) gets cond unchanged and encodes at every call."""
+    encode = getattr(model, "encode_text", None)
+    if encode is None or "text" in cond:
+        return cond
+    out = dict(cond, text=encode(cond["tokens"]))
+    if cfg_scale != 1.0:
+        out["empty_text"] = encode(torch.zeros_like(cond["tokens"]))
+    return out
 
 
 @torch.no_grad()
@@ -74,7 +91,7 @@ def euler(model, noise, cond: dict, steps, cfg_scale=1.0, shift=1.0, start=0, st
     timesteps(steps)[start] and the result the state at timesteps(steps)[stop] (partial denoising, as
     Dual-Process and ByteEdit need). No gradient: callers take their one grad step with guided_velocity."""
     ts = timesteps(steps, shift, noise.device)
-    x = noise
+    x, cond = noise, with_text(model, cond, cfg_scale)
     for i in range(start, steps if stop is None else stop):
         v = guided_velocity(model, x, ts[i], cond, cfg_scale)
         x = x + (ts[i + 1] - ts[i]) * v                      # Euler step, Liu et al. 2022
@@ -89,7 +106,7 @@ def rollout(model, noise, cond: dict, steps, cfg_scale=1.0, shift=1.0):
     ts (steps + 1,), and the final state x0 (B, ...). Everything is detached. `model` may also be a list of
     `steps` models, model[i] taking step i (a roll-in that mixes two fields)."""
     ts = timesteps(steps, shift, noise.device)
-    x, states = noise, []
+    x, states, cond = noise, [], with_text(model, cond, cfg_scale)
     for i in range(steps):
         states.append(x)
         v = guided_velocity(model[i] if isinstance(model, list) else model, x, ts[i], cond, cfg_scale)

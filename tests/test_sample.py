@@ -117,3 +117,27 @@ def test_interpolate_target_and_x0_estimate_agree():
     torch.testing.assert_close(interpolate(x0, eps, torch.zeros(B)), x0)
     torch.testing.assert_close(interpolate(x0, eps, torch.ones(B)), eps)
     torch.testing.assert_close(x0_from_v(x_t, t, velocity_target(x0, eps)), x0)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_the_sampler_encodes_each_caption_once_and_samples_the_same(cfg_scale):
+    """euler and rollout run the text encoder once per prompt (and once on the empty caption with CFG), not once
+    per step, and draw what a model that encodes at every call draws."""
+    torch.manual_seed(0)
+    model = DiT(preset("tiny", vocab_size=40, max_text_len=6)).eval()
+    with torch.no_grad():
+        for p in model.parameters():                        # a field that is not zero, and reads the caption
+            p.add_(torch.randn_like(p) * 0.05)
+    calls = []
+    model.text_encoder.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    every_call = lambda *a, **k: model(*a, **k)             # no encode_text: encodes at every call
+    noise = torch.randn(2, 3, 32, 32)
+    cond = dict(task=torch.zeros(2, dtype=torch.long), tokens=torch.randint(1, 40, (2, 6)), cond=None, ref=None)
+    ref = euler(every_call, noise, cond, 4, cfg_scale)
+    assert len(calls) == 4                                  # once per step (both CFG halves in one call)
+    calls.clear()
+    torch.testing.assert_close(euler(model, noise, cond, 4, cfg_scale), ref, rtol=1e-5, atol=1e-5)
+    assert calls == [2] + ([2] if cfg_scale != 1.0 else [])  # the captions, then the empty one
+    calls.clear()
+    torch.testing.assert_close(rollout(model, noise, cond, 4, cfg_scale)[2], ref, rtol=1e-5, atol=1e-5)
+    assert len(calls) == (2 if cfg_scale != 1.0 else 1)
