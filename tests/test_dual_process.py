@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import controls
 import data
 import dual_process as dp
 import scorer
@@ -83,7 +84,7 @@ def test_keep_questions_hold_what_the_control_leaves_and_the_judge_knows_their_w
             assert all(w in words for q in text for w in q.split())          # no word the judge never saw
             assert ("is it night ?" in text) == (name != "night")            # the sky held unless it is the control
             if name != "night":
-                assert text["is it night ?"] == (s.sky in dp.DARK)
+                assert text["is it night ?"] == (s.sky in controls.DARK)
             assert any("horizon" in q for q in text) == (name != "horizon_guide")
             assert not any("outline" in q for q in text) or name != "thick_outline"
             assert all(answer for q, answer in asked if "horizon" not in q and "night" not in q)  # the prompt's own
