@@ -4,8 +4,8 @@ world.py holds the world itself (scene specs, renderer, captions); this file tur
 and test examples with exact specs, so that scorer.py can measure every generated image.
 
 Tasks (each a batch of condition -> target with its spec, see `make_batch`):
-  t2i          caption -> image; includes "a grid of four images of the same <subject>" (2x2 panels,
-               each panel may deviate from the subject with probability `grid_inconsistency`)
+  t2i          caption -> image; or (grids=True) "two images of the same <subject> at <context>": a two-panel
+               canvas whose right panel deviates from the subject with probability `grid_inconsistency`
   local_edit   source + instruction -> target (recolour / remove / add / move one object)
   global_edit  source + instruction -> target (background, sky, ground, swap two colours, hue shift,
                invert, grayscale, darken, mirror)
@@ -194,9 +194,12 @@ def customize(rng, split):
         tgt = Scene([replace(subj, cell=int(rng.integers(9)))], **sample_background(rng))
         if tgt.objects[0].cell != 4 or tgt.sky != ref.sky or tgt.horizon != "none":
             break
-    o = tgt.objects[0]
-    text = f"this object {pick(rng, ('in', 'at'))} the {CELLS[o.cell]} {describe_background(tgt, rng)}"
-    return text, ref, tgt
+    return context_text(tgt, rng), ref, tgt
+
+
+def context_text(scene, rng, lead="this object"):
+    """A customisation caption: where the subject goes and the background, never what it looks like."""
+    return f"{lead} {pick(rng, ('in', 'at'))} the {CELLS[scene.objects[0].cell]} {describe_background(scene, rng)}"
 
 
 def perturb_subject(rng, o, split="train"):
@@ -214,20 +217,22 @@ def perturb_subject(rng, o, split="train"):
 
 
 def grid(rng, split, inconsistency):
+    """Two images of one subject: on the left alone at the centre of a plain background (as a customisation
+    reference is), on the right in a random context; the right one shows another subject with probability
+    `inconsistency` (one identity attribute changed), as a generator's grids are imperfect."""
     subj = sample_object(rng, [], split, cell=4, subject=True)
-    panels = []
-    for k in range(4):
-        o = perturb_subject(rng, subj, split) if k > 0 and rng.random() < inconsistency else subj
-        panels.append(Scene([replace(o, cell=int(rng.integers(9)))], **sample_background(rng)))
-    return Grid(panels)
+    right = perturb_subject(rng, subj, split) if rng.random() < inconsistency else subj
+    return Grid([Scene([subj], **sample_background(rng, horizon_p=0)),
+                 Scene([replace(right, cell=int(rng.integers(9)))], **sample_background(rng))])
 
 
 SPLITS = ("train", "test", "heldout")
 
 
-def make_batch(task, n, res, device="cpu", seed=0, split="train", grid_rate=0.0, grid_inconsistency=0.25,
+def make_batch(task, n, res, device="cpu", seed=0, split="train", grids=False, grid_inconsistency=0.25,
                n_objects=None, text_len=MAX_TOKENS):
     """One batch of `task`, deterministic in (seed, split, task), built straight into tensors on `device`.
+    grids: a t2i batch of two-panel subject grids (targets (n, 3, res, 2 res), captions "two images of the same").
     n_objects fixes the object count of t2i / inpaint / outpaint scenes (default: 1-3); text_len is the width of
     batch.tokens: the model's DiTConfig.max_text_len, so that a caption too long for it fails here, on the host."""
     if task not in TASKS or split not in SPLITS:
@@ -237,8 +242,7 @@ def make_batch(task, n, res, device="cpu", seed=0, split="train", grid_rate=0.0,
     for _ in range(n):
         src = mask = None
         if task == "t2i":
-            tgt = grid(rng, split, grid_inconsistency) if rng.random() < grid_rate else \
-                sample_scene(rng, split, n_objects)
+            tgt = grid(rng, split, grid_inconsistency) if grids else sample_scene(rng, split, n_objects)
             text = caption(tgt, rng)
         elif task == "local_edit":
             text, src, tgt = local_edit(rng, split)

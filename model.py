@@ -34,7 +34,8 @@ from einops import rearrange
 
 @dataclass
 class DiTConfig:
-    image_size: int = 32          # side of the square image in pixels
+    image_size: int = 32          # side of the square image in pixels (forward also takes H x W canvases, e.g. the
+                                  # two-panel H x 2H of subject pairs: any multiple of patch_size)
     patch_size: int = 4           # side of one patch; image tokens = (image_size / patch_size) ** 2
     in_channels: int = 3          # channels of the noisy target (RGB in [-1, 1])
     cond_channels: int = 4        # pixel-aligned condition: image (3) + mask (1), added to the target tokens
@@ -76,10 +77,11 @@ def unpatchify(x, p, h):
     return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=p, p2=p)
 
 
-def sincos_pos_embed_2d(dim, grid):
-    """Fixed 2D sine-cosine position embedding (as in DiT/MAE): half the channels per axis. -> (grid*grid, dim)"""
+def sincos_pos_embed_2d(dim, grid, width=None):
+    """Fixed 2D sine-cosine position embedding (as in DiT/MAE): half the channels per axis. -> (grid*width, dim)
+    for a grid x width patch canvas (width = grid: square). A wider canvas keeps the square's columns on its left."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(width or grid, dtype=torch.float64),
                             indexing="ij")
     out = [torch.cat([(pos.flatten()[:, None] * omega).sin(), (pos.flatten()[:, None] * omega).cos()], 1)
            for pos in (ys, xs)]
@@ -264,6 +266,12 @@ class DiT(nn.Module):
             tokens = tokens[:, :L]
         return tokens
 
+    def pos_embed_for(self, rows, cols):
+        """(1, rows * cols, D) position embedding of a rows x cols patch canvas: the buffer for the square image."""
+        if rows == cols == self.grid:
+            return self.pos_embed
+        return sincos_pos_embed_2d(self.config.hidden_size, rows, cols)[None].to(self.pos_embed)
+
     def encode_text(self, tokens):
         """The caption's features (B, L, D): they depend on neither x nor t, so a sampler computes them once per
         prompt and passes them back as forward(..., text=)."""
@@ -278,14 +286,16 @@ class DiT(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         tokens = self.trim(tokens)
-        h = self.x_embedder(patchify(x, p)) + self.pos_embed                       # (B, N, D)
+        pos = self.pos_embed_for(x.shape[-2] // p, x.shape[-1] // p)               # (1, N, D)
+        h = self.x_embedder(patchify(x, p)) + pos                                  # (B, N, D)
         if cond is not None:
             h = h + self.cond_embedder(patchify(cond, p))                          # (B, N, D)
         task_emb = self.task_embedder(task)                                        # (B, D)
         text = self.text_encoder(tokens) if text is None else text                 # (B, L, D)
         seq = [task_emb[:, None], text]
         if ref is not None:
-            seq.append(self.ref_embedder(patchify(ref, p)) + self.pos_embed + self.ref_type)  # (B, N, D)
+            ref_pos = self.pos_embed_for(ref.shape[-2] // p, ref.shape[-1] // p)
+            seq.append(self.ref_embedder(patchify(ref, p)) + ref_pos + self.ref_type)  # (B, N_ref, D)
         seq.append(h)
         h = torch.cat(seq, dim=1)                                                  # (B, T, D)
         c = self.t_embedder(t) + task_emb                                          # (B, D)
@@ -294,8 +304,8 @@ class DiT(nn.Module):
             c = c + self.text_pool((text * words).sum(1) / words.sum(1).clamp(min=1)) * words.amax(1)
         for block in self.blocks:
             h = block(h, c)                                                        # (B, T, D)
-        out = self.final_layer(h[:, -self.grid ** 2:], c)                          # (B, N, p*p*C)
-        out = unpatchify(out, p, self.grid)                                        # (B, C, H, W)
+        out = self.final_layer(h[:, -pos.shape[1]:], c)                            # (B, N, p*p*C)
+        out = unpatchify(out, p, x.shape[-2] // p)                                 # (B, C, H, W)
         v = out[:, :self.config.in_channels]                                       # (B, 3, H, W)
         if self.conv_head is not None:
             v = v + self.conv_head(torch.cat([out, x.to(out.dtype)], dim=1))       # (B, 3, H, W)

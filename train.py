@@ -59,7 +59,8 @@ class Config:
     t_sampling: str = option("uniform", choices=("uniform", "logit_normal"))  # training times t: uniform |
                                    # logit_normal (sigmoid of N(0, 1), SD3's mid-noise bias)
     cond_drop: float = option(0.1, low=0, high=1)  # probability of an empty caption (classifier-free guidance)
-    grid_rate: float = option(0.1, low=0, high=1)  # fraction of t2i examples that are "a grid of four images of ..."
+    grid_rate: float = option(0.1, low=0, high=1)  # fraction of t2i steps whose batch is two-panel subject grids
+                                   # ("two images of the same ...", (res, 2 res) canvases: data.grid)
     n_objects: int = option(0, low=0, high=3)  # objects per t2i/inpaint/outpaint scene (0 = 1-3 at random)
     sample_steps: int = option(16, low=1)  # Euler steps for samples and the end-of-run evaluation
     cfg_scale: float = 1.0         # guidance scale for samples and evaluation
@@ -121,8 +122,9 @@ def get_batch(cfg, env, step, res, manifest=None):
         pick = torch.randint(len(manifest[task]), (cfg.batch_size,), generator=step_generator(cfg.seed, step, salt=2))
         batch = data.collate([manifest[task][i] for i in pick.tolist()], env.device, text_len)
     else:
+        grids = task == "t2i" and float(torch.rand(1, generator=step_generator(cfg.seed, step, salt=3))) < cfg.grid_rate
         batch = data.make_batch(task, cfg.batch_size, res, env.device, seed=cfg.seed * 1_000_003 + step,
-                                grid_rate=cfg.grid_rate, n_objects=cfg.n_objects or None, text_len=text_len)
+                                grids=grids, n_objects=cfg.n_objects or None, text_len=text_len)
     gen = step_generator(cfg.seed, step)
     t = torch.randn(cfg.batch_size, generator=gen).sigmoid() if cfg.t_sampling == "logit_normal" else \
         torch.rand(cfg.batch_size, generator=gen)
@@ -260,28 +262,36 @@ def train(cfg):
 # measurements behind them). small, the CPU recipe: a base that reads a pooled caption of 24 tokens, one object per
 # scene, logit-normal times, 4,000 steps (0.950 one-object success); 1,500-step experts fine-tuned from it.
 # base, the one-GPU recipe: 1-3 objects, full captions, 1,800 steps at batch 256; 1,000-step experts.
-# tiny: the small recipe's shape in a few steps, for the tests.
+# tiny: the small recipe's shape in a few steps, for the tests. grid: the base fine-tuned on two-panel subject grids
+# (four steps in five) and its own scenes, the grid-capable T2I model Diffusion Self-Distillation starts from.
 CPU_BASE = dict(task="t2i", n_objects=1, pooled_text=True, text_len=world.ONE_OBJECT_TOKENS, t_sampling="logit_normal",
                 grid_rate=0.0)
 RECIPES = {
-    "tiny": dict(base=dict(CPU_BASE, steps=2, batch_size=4), expert=dict(steps=1, batch_size=4)),
-    "small": dict(base=dict(CPU_BASE, steps=4000, batch_size=64), expert=dict(steps=1500, t_sampling="logit_normal")),
+    "tiny": dict(base=dict(CPU_BASE, steps=2, batch_size=4), expert=dict(steps=1, batch_size=4),
+                 grid=dict(task="t2i", steps=2, batch_size=4, grid_rate=0.5)),
+    "small": dict(base=dict(CPU_BASE, steps=4000, batch_size=64), expert=dict(steps=1500, t_sampling="logit_normal"),
+                  grid=dict(task="t2i", steps=3000, batch_size=64, grid_rate=0.8, t_sampling="logit_normal")),
     "base": dict(base=dict(task="t2i", n_objects=0, pooled_text=True, grid_rate=0.0, steps=1800, batch_size=256,
                            lr=3e-4, warmup=300),
-                 expert=dict(steps=1000, batch_size=256, lr=3e-4, warmup=100)),
+                 expert=dict(steps=1000, batch_size=256, lr=3e-4, warmup=100),
+                 grid=dict(task="t2i", steps=1000, batch_size=256, lr=3e-4, warmup=100, grid_rate=0.8)),
 }
 
 
 def shared_path(preset_name, name, base=""):
     """Where a shared model lives: the base at out/<preset>/base/ckpt.pt; an expert beside the base it was
-    fine-tuned from, at <base dir>/experts/<task>/ckpt.pt (so experts of another base never mix with these)."""
+    fine-tuned from, at <base dir>/experts/<task>/ckpt.pt (so experts of another base never mix with these); the
+    grid model at <base dir>/grid/ckpt.pt."""
     if name == "base":
         return os.path.join("out", preset_name, "base", "ckpt.pt")
+    if name == "grid":
+        return os.path.join(os.path.dirname(base), "grid", "ckpt.pt")
     return os.path.join(os.path.dirname(base), "experts", name, "ckpt.pt")
 
 
 def prerequisite(preset_name, name, path="", base="", device="auto", compile="auto", quiet=False):
-    """The checkpoint of a shared model: name "base", or a task for its expert (SFT from the checkpoint `base`).
+    """The checkpoint of a shared model: name "base", "grid" (the base taught two-panel subject grids), or a task
+    for its expert (SFT from the checkpoint `base`).
 
     `path` given: it must exist; a path the user named is never built, so a typo cannot start a long build.
     Else its place under out/ (`shared_path`), trained now with RECIPES[preset_name] if it is missing; a cached
@@ -292,11 +302,11 @@ def prerequisite(preset_name, name, path="", base="", device="auto", compile="au
                              f"{preset_name} recipe's {name})")
         return path
     path = shared_path(preset_name, name, base)
-    options = dict(RECIPES[preset_name]["base" if name == "base" else "expert"])
-    if name != "base":  # the expert reads captions as its base does, and draws its scenes
+    options = dict(RECIPES[preset_name][name if name in ("base", "grid") else "expert"])
+    if name != "base":  # the expert (or grid model) reads captions as its base does, and draws its scenes
         mcfg = DiTConfig(**peek(base)["model_config"])
-        options.update(task=name, init_from=base, pooled_text=mcfg.pooled_text, text_len=mcfg.max_text_len,
-                       n_objects=scene_objects(base) or 0)
+        options.update(task=options.get("task", name), init_from=base, pooled_text=mcfg.pooled_text,
+                       text_len=mcfg.max_text_len, n_objects=scene_objects(base) or 0)
     if os.path.exists(path):
         made, source = peek(path).get("step"), peek(path).get("config", {}).get("init_from")
         if name != "base" and source != base:
@@ -306,7 +316,8 @@ def prerequisite(preset_name, name, path="", base="", device="auto", compile="au
             print(f"note: using cached {path}, trained {made} steps (the {preset_name} recipe trains "
                   f"{options['steps']})")
         return path
-    what = "the base model" if name == "base" else f"the {name} expert (SFT from {base})"
+    what = {"base": "the base model", "grid": f"the grid model (two-panel subject grids, from {base})"}.get(
+        name, f"the {name} expert (SFT from {base})")
     print(f"building {what}: {path}, {options['steps']} steps")
     return train(Config(preset=preset_name, out=os.path.dirname(path), device=device, compile=compile, quiet=quiet,
                         eval_n=0, **options))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from einops import rearrange
 from PIL import Image
 
 
@@ -65,7 +66,8 @@ class Scene:
 
 @dataclass
 class Grid:
-    """Four panels, 2x2, each a Scene rendered at half resolution."""
+    """Two images of the same subject side by side: two Scenes, each rendered at full resolution, one (res, 2 res)
+    canvas. The caption names the subject and the right panel's context (data.grid: the left is a plain reference)."""
     panels: list
 
 
@@ -120,17 +122,13 @@ def apply_tone(img01, tone):
 
 
 def render(scenes, res, device="cpu"):
-    """Render Scenes (or Grids) to (B, 3, res, res) in [-1, 1], anti-aliased, all on `device`."""
-    grids = [i for i, s in enumerate(scenes) if isinstance(s, Grid)]
-    if grids:  # grids: render the panels at half resolution and tile them 2x2
-        out = torch.empty(len(scenes), 3, res, res, device=device)
-        half = render([p for i in grids for p in scenes[i].panels], res // 2, device)  # (4G, 3, res/2, res/2)
-        half = half.view(len(grids), 2, 2, 3, res // 2, res // 2).permute(0, 3, 1, 4, 2, 5)
-        out[grids] = half.reshape(len(grids), 3, res, res)
-        rest = [i for i in range(len(scenes)) if i not in set(grids)]
-        if rest:
-            out[rest] = render([scenes[i] for i in rest], res, device)
-        return out
+    """Render Scenes to (B, 3, res, res), or Grids to (B, 3, res, 2 res), in [-1, 1], anti-aliased, on `device`."""
+    grids = [isinstance(s, Grid) for s in scenes]
+    if any(grids):  # two-panel canvases: the panels at full resolution, side by side
+        if not all(grids):
+            raise ValueError("a batch is all two-panel grids or all single images: their widths differ")
+        panels = render([p for g in scenes for p in g.panels], res, device)  # (2B, 3, res, res)
+        return rearrange(panels, "(b k) c h w -> b c h (k w)", k=2)
     B, K = len(scenes), max(1, max(len(s.objects) for s in scenes))
     f = lambda rows: torch.tensor(rows, dtype=torch.float32, device=device)
     pad = lambda s, v: [v(o) for o in s.objects] + [v(None)] * (K - len(s.objects))
@@ -237,9 +235,10 @@ def describe_background(s, rng, prefix=False):
 
 
 def caption(s, rng):
-    if isinstance(s, Grid):
-        subj = s.panels[0].objects[0]
-        return f"a grid of four images of the same {describe(subj, rng, '').strip()}"
+    if isinstance(s, Grid):  # at most 23 words: fits the CPU base's 24 tokens
+        subj, right = s.panels[0].objects[0], s.panels[1]
+        return (f"two images of the same {describe(subj, rng, '').strip()} {pick(rng, ('in', 'at'))} the "
+                f"{CELLS[right.objects[0].cell]} {describe_background(right, rng)}")
     objs = " and ".join(describe(o, rng) for o in s.objects)
     return pick(rng, (f"{objs} {describe_background(s, rng)}", f"{describe_background(s, rng, prefix=True)} {objs}"))
 

@@ -21,8 +21,31 @@ def test_renders_are_deterministic_per_seed():
 
 def test_render_range_and_resolutions():
     for res in (32, 64, 48):
-        x = data.make_batch("t2i", 4, res, grid_rate=0.5).target
+        x = data.make_batch("t2i", 4, res).target
         assert x.shape == (4, 3, res, res) and x.min() >= -1 and x.max() <= 1
+        x = data.make_batch("t2i", 4, res, grids=True).target  # two panels side by side
+        assert x.shape == (4, 3, res, 2 * res) and x.min() >= -1 and x.max() <= 1
+
+
+def test_grids_are_two_full_size_panels_whose_caption_names_subject_and_right_context():
+    b = data.make_batch("t2i", 200, 32, seed=4, grids=True, grid_inconsistency=0.25)
+    left, right = b.target[..., :32], b.target[..., 32:]
+    assert torch.equal(left, world.render([g.panels[0] for g in b.specs], 32))
+    assert torch.equal(right, world.render([g.panels[1] for g in b.specs], 32))
+    same = [g.panels[0].objects[0].subject() == g.panels[1].objects[0].subject() for g in b.specs]
+    assert 0.65 < sum(same) / len(same) < 0.85  # the right panel deviates with probability 0.25
+    for g, text in zip(b.specs, b.text):
+        o, r = g.panels[0].objects[0], g.panels[1]
+        assert text.startswith(f"two images of the same {o.color} and {o.color2} {o.pattern} {o.shape} ")
+        assert world.CELLS[r.objects[0].cell] in text and r.sky in text
+        assert len(text.split()) <= world.ONE_OBJECT_TOKENS
+    assert (scorer.score("customize", right, _as_customize(b))[0]["prompt"]) == 1  # the right context is its own
+
+
+def _as_customize(b):
+    """A grid batch seen as customisation: reference = left panel's scene, target = the right panel's."""
+    return data.Batch("customize", b.text, b.tokens, b.target[..., 32:], specs=[g.panels[1] for g in b.specs],
+                      sources=[g.panels[0] for g in b.specs])
 
 
 @pytest.mark.parametrize("res", [32, 64])
@@ -74,16 +97,18 @@ def test_heldout_pairs_never_in_training_split():
         scenes = spec.panels if isinstance(spec, world.Grid) else [spec]
         return {(o.color, o.shape) for s in scenes for o in s.objects}
     for task in data.TASKS:
-        b = data.make_batch(task, 200, 32, seed=16, split="train", grid_rate=0.3)
-        assert not any(pairs(s) & world.HELDOUT for s in b.specs + b.sources), task
+        for grids in ((False, True) if task == "t2i" else (False,)):
+            b = data.make_batch(task, 200, 32, seed=16, split="train", grids=grids)
+            assert not any(pairs(s) & world.HELDOUT for s in b.specs + b.sources), task
     b = data.make_batch("t2i", 50, 32, seed=16, split="heldout")
     assert all(pairs(s) & world.HELDOUT for s in b.specs)
 
 
 def test_every_text_fits_the_vocabulary():
     for task in data.TASKS:
-        b = data.make_batch(task, 200, 32, seed=17, grid_rate=0.2)
-        assert b.tokens.shape == (200, world.MAX_TOKENS) and (b.tokens[:, 0] > 0).all()
+        for grids in ((False, True) if task == "t2i" else (False,)):
+            b = data.make_batch(task, 200, 32, seed=17, grids=grids)
+            assert b.tokens.shape == (200, world.MAX_TOKENS) and (b.tokens[:, 0] > 0).all()
     judge_words = set(world.VOCAB) | set(data.QUESTION_WORDS)  # what the VLM's tokenizer is built from
     for family in data.FAMILIES:
         words = {w for q in data.vqa_batch(family, 40, 32).questions for w in q.split()}
