@@ -125,3 +125,30 @@ def test_dual_process_bf16_compiled_step_matches_fp32():
     (ref_loss, ref_grad), (loss, grad) = out[False], out[True]
     assert abs(loss - ref_loss) / abs(ref_loss) < 2e-2, (loss, ref_loss)
     assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.98
+
+
+def test_self_distill_bf16_compiled_fine_tune_matches_fp32():
+    """self_distill.dsd_loss on the two-panel canvas (the reference through the projection on the left panel, the
+    LoRA and the projection trainable, as finetune sets them) under bf16 autocast + torch.compile gives the fp32 loss
+    and gradient."""
+    import data
+    import self_distill as sd
+    mcfg = preset("small", vocab_size=len(world.VOCAB), max_text_len=world.MAX_TOKENS)
+    b = data.make_batch("customize", 8, 32, seed=0)
+    ref, target, tokens = b.ref.cuda(), b.target.cuda(), b.tokens.cuda()
+    noise = sd.step_noise(sd.Config(ref_drop=0.25), 0, (8, 3, 32, 64), "cuda")
+    out = {}
+    for fast in (False, True):
+        torch._dynamo.reset()
+        model = sd.adapted(mcfg, jittered_model("small").state_dict(), "parallel", 8).cuda()
+        with torch.no_grad():
+            model.cond_embedder.weight.normal_(std=0.02)                   # away from its zero init
+        e = env(fast)
+        net = torch.compile(model) if e.compile else model
+        with e.ctx:
+            loss = sd.dsd_loss(net, "parallel", ref, target, tokens, noise)
+        loss.backward()
+        out[fast] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    (ref_loss, ref_grad), (loss, grad) = out[False], out[True]
+    assert abs(loss - ref_loss) / abs(ref_loss) < 2e-2, (loss, ref_loss)
+    assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.98

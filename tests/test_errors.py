@@ -16,6 +16,7 @@ import dual_process as dp
 import evaluate
 import judges
 import sample
+import self_distill as sd
 import train
 import world
 
@@ -62,7 +63,8 @@ RUN = {"train": lambda a: train.train(common.parse_config(train.Config(), TINY +
        "judges": lambda a: judges.main(common.parse_config(judges.Config(), [
            "--preset=tiny", "--quiet", "--out=jdir", "--results=jres", "--eval_n=2"] + a)),
        "bench": lambda a: bench.main(common.parse_config(bench.Config(), ["--device=cpu", "--preset=tiny"] + a)),
-       "dual_process": lambda a: dp.train(common.parse_config(dp.Config(), ["--preset=tiny", "--quiet"] + a))}
+       "dual_process": lambda a: dp.train(common.parse_config(dp.Config(), ["--preset=tiny", "--quiet"] + a)),
+       "self_distill": lambda a: sd.train(common.parse_config(sd.Config(), ["--preset=tiny", "--quiet"] + a))}
 EDIT = "--ckpt=out/edit/ckpt.pt"
 EDIT_ARGS = [EDIT, "--task=local_edit", "--prompt=make the red circle blue"]
 CASES = [
@@ -166,6 +168,13 @@ CASES = [
     ("dual_process", ["--judge=nowhere"], "--judge=nowhere: no such file or directory"),
     ("dual_process", ["--judge=garbage"], "garbage is not a saved transformers model"),
     ("dual_process", ["--mode=sometimes"], "--mode=sometimes: must be one of control, prompt, both"),
+    ("self_distill", ["--rows=dsd,sparkle"], "--rows=dsd,sparkle: unknown item 'sparkle'"),
+    ("self_distill", ["--threshold=0"], "--threshold=0.0: must be > 0"),
+    ("self_distill", ["--threshold=1.5"], "--threshold=1.5: must be <= 1"),
+    ("self_distill", ["--base=typo/ckpt.pt"], "--base=typo/ckpt.pt: no such file"),
+    ("self_distill", ["--judge=garbage"], "garbage is not a saved transformers model"),
+    ("self_distill", ["--steps=10", "--stop_at=20"], "--stop_at=20 is beyond --steps=10"),
+    ("self_distill", ["--name=a/b"], "--name='a/b' must be a plain file name"),
     ("bench", ["--sample_steps=1,x"], "--sample_steps=1,x: a comma-separated list of whole numbers >= 1"),
     ("bench", ["--out=x.txt"], "--out=x.txt: the file name must end in .json"),
     ("bench", ["--preset=huge"], "--preset=huge: must be one of auto, tiny, small, base"),
@@ -209,6 +218,7 @@ SUBPROCESS = [("train.py", ["--steps=-1"], "--steps=-1: must be >= 1"),
               ("evaluate.py", ["--ckpts=junk.pt"], "junk.pt is not a checkpoint of this project"),
               ("distill_onpolicy.py", ["--base=typo/ckpt.pt"], "--base=typo/ckpt.pt: no such file"),
               ("judges.py", ["--what=oracle"], "--what=oracle: unknown item 'oracle'"),
+              ("self_distill.py", ["--n_grids=0"], "--n_grids=0: must be >= 1"),
               ("bench.py", ["--out=x.txt"], "--out=x.txt: the file name must end in .json"),
               ("data.py", ["--preview"], "data.py takes no arguments"),
               ("scorer.py", ["--n=3"], "scorer.py takes no arguments")]

@@ -2,12 +2,13 @@
 own layer or above, and only at the top of the file (an import inside a function is how a cycle hides).
 
 The order, bottom to top:
-    world -> data -> scorer -> model -> vlm, rewards, controls -> common -> sample -> evaluate -> train, judges
+    world -> data -> scorer -> model -> vlm, rewards, controls -> common -> sample -> evaluate, grids -> train, judges
     -> the method scripts -> bench
 world/data/scorer are the world and its exact measurement; model the DiT; vlm and rewards the frozen raters'
 networks, controls Dual-Process's controls as data; common the shared plumbing; sample the flow ODE and its CLI;
-evaluate the scorer's tables; train and judges build the shared models (base, experts, judges); the method scripts
-each run one method and never import each other; bench times train's and the methods' steps.
+evaluate the scorer's tables, grids Self-Distillation's paired data; train and judges build the shared models (base,
+experts, judges); the method scripts each run one method and never import each other; bench times train's and the
+methods' steps.
 """
 import ast
 import os
@@ -16,7 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [("world",), ("data",), ("scorer",), ("model",), ("vlm", "rewards", "controls"), ("common",),
-          ("sample",), ("evaluate",), ("train", "judges"),
+          ("sample",), ("evaluate", "grids"), ("train", "judges"),
           ("distill_onpolicy", "dual_process", "self_distill", "feedback"), ("bench",)]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 MODULES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
