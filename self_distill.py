@@ -52,6 +52,8 @@ ROWS = ("dsd", "uncurated", "noisy", "concat", "tokens", "text", "lora", "truth"
 TRAINED = {"dsd": "parallel", "uncurated": "parallel", "noisy": "parallel", "truth": "parallel",
            "concat": "concat", "tokens": "tokens"}  # fine-tuned rows and their architecture
 EVAL_SEED = 10_000
+RESUME_SAME = ("preset", "n_grids", "grid_cfg", "sample_steps", "threshold", "curator_noise", "seed", "lora_rank",
+               "lr", "ref_lr", "batch_size", "ema", "ref_drop", "text_drop")  # a resumed row keeps its data and recipe
 
 
 @dataclass
@@ -105,10 +107,11 @@ class Config:
                 yield f"{ckpt} exists: pass --resume to continue (or re-evaluate) it, or choose another --out"
             elif os.path.exists(ckpt):
                 made = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+                changed = [k for k in RESUME_SAME if made["config"].get(k) != getattr(cfg, k)]
                 yield (f"--resume: {ckpt} is at step {made['step']}, beyond --steps={cfg.steps}"
                        if made["step"] > cfg.steps else
-                       f"--resume: {ckpt} was trained with --lora_rank={made['config']['lora_rank']}"
-                       if made["config"]["lora_rank"] != cfg.lora_rank else "")
+                       f"--resume: {ckpt} was trained with --{changed[0]}={made['config'].get(changed[0])}"
+                       if changed else "")
 
 
 def resolve(cfg):
@@ -349,12 +352,14 @@ def paired_data(cfg, env, grid_model, mcfg):
     """Stages 1-3: prompts, grids (and what the scorer finds in them), the curator's p(same) and decisions."""
     res, L = mcfg.image_size, mcfg.max_text_len
     prompts, context = grid_prompts(cfg.n_grids, res, cfg.seed, L)
+    t0 = time.time()
     grids = draw_grids(cfg, env, grid_model, prompts, os.path.join(cfg.out, "grids.pt"))
     left, right = panels(grids)
-    t0 = time.time()
+    seconds, t0 = dict(grids=time.time() - t0), time.time()
     truth = consistent(left, right)
     asked = consistent(world.render([g.panels[0] for g in prompts.specs], res), left)  # drew the prompt's subject
-    stats = dict(consistent=truth.float().mean().item(), left_is_prompt=asked.float().mean().item())
+    stats = dict(consistent=truth.float().mean().item(), left_is_prompt=asked.float().mean().item(), seconds=seconds)
+    seconds["scorer"] = time.time() - t0
     print(f"grids, by the scorer ({time.time() - t0:.0f} s): {stats['consistent']:.3f} show one subject in both "
           f"panels; the left panel is the prompt's subject in {stats['left_is_prompt']:.3f}")
     out = dict(grids=grids, context=context, stats=stats, curation={}, keep={})
@@ -362,14 +367,15 @@ def paired_data(cfg, env, grid_model, mcfg):
         return out
     judge = judge_prerequisite("vlm", "tiny" if cfg.preset == "tiny" else "small", cfg.judge, cfg.device, cfg.quiet)
     t0, path = time.time(), os.path.join(cfg.out, "curation.pt")
-    key = dict(grids=cfg.base, n=cfg.n_grids, seed=cfg.seed, judge=cfg.judge or "default")
+    key = dict(base=cfg.base, n=cfg.n_grids, seed=cfg.seed, steps=cfg.sample_steps, cfg=cfg.grid_cfg,
+               judge=cfg.judge or "default")                                       # the grids' key, and the judge
     cache = read_cache(path, key) or dict(key=key, p=p_same(judge, left.to(env.device), right.to(env.device)))
     save_checkpoint(path, **cache)
     out["p"] = p = cache["p"]
     out["keep"] = dict(curated=curated(cfg, p), noisy=curated(cfg, p, cfg.curator_noise))
     out["curation"] = {k: precision_recall(v, truth) for k, v in out["keep"].items()}
     out["curation"]["sweep"] = {f"{th:.2f}": precision_recall(p > th, truth) for th in (.1, .3, .5, .7, .9, .97)}
-    c = out["curation"]["curated"]
+    c, seconds["curation"] = out["curation"]["curated"], time.time() - t0
     print(f"stage curation: {len(p)} pairs in {time.time() - t0:.0f} s; kept {c['kept']:.3f}, precision "
           f"{c['precision']:.3f}, recall {c['recall']:.3f}")
     return out
@@ -383,11 +389,13 @@ def row_outputs(row, cfg, env, mcfg, state, grid_model, made, splits, noise):
                 for s, b in splits.items()}, 0.0, 0
     if row == "lora":  # one LoRA per reference, the first instance_n of each split
         k, out, seconds = min(cfg.instance_n, cfg.eval_n), {}, 0.0
+        if not k:
+            return None
         for s, b in splits.items():
             done = [instance_lora(cfg, env, mcfg, state, b.ref[j:j + 1].to(env.device), b.sources[j],
                                   b.specs[j], noise[s][j:j + 1]) for j in range(k)]
             out[s], seconds = torch.cat([d[0] for d in done]).cpu(), seconds + sum(d[1] for d in done) / k / 2
-        return (out, seconds, 1) if k else None
+        return out, seconds, 1
     pairs = pairs_of(row, cfg, made["grids"], made["context"], made["keep"])
     if not len(pairs[0]):
         raise SystemExit(f"row {row}: the curator kept none of {cfg.n_grids} pairs (p(same) <= "

@@ -201,6 +201,11 @@ def test_every_stage_runs_and_writes_its_table(files, tmp_path, monkeypatch):
     assert 0 <= saved["curation"]["curated"]["precision"] <= 1 and "consistent" in saved["grids"]
     assert os.path.exists("results/self_distill/self_distill.png")
     assert all(os.path.exists(f"out/sd/{row}/ckpt.pt") for row in sd.TRAINED)
+    again = cfg(base=str(files / "grid.pt"), judge=str(files / "vlm"), out="out/sd")
+    assert "exists: pass --resume" in " ".join(again.check())
+    problems = " ".join(dataclasses.replace(again, resume=True, threshold=0.9).check())
+    assert "--resume: out/sd/dsd/ckpt.pt was trained with --threshold=1e-06" in problems  # other data: refused
+    assert not any(dataclasses.replace(again, resume=True).check())               # the same run: re-scored
 
 
 def test_an_interrupted_grid_stage_continues_to_the_same_grids(files, tmp_path):
