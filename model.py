@@ -230,6 +230,7 @@ class DiT(nn.Module):
         self.ref_embedder = nn.Linear(p * p * cfg.in_channels, D)
         self.ref_type = nn.Parameter(torch.zeros(1, 1, D))            # marks reference tokens apart from targets
         self.register_buffer("pos_embed", sincos_pos_embed_2d(D, self.grid)[None], persistent=False)
+        self._pos = {}                                                # other canvases' embeddings (pos_embed_for)
         self.t_embedder = TimestepEmbedder(D)
         self.task_embedder = nn.Embedding(cfg.num_tasks, D)
         self.text_encoder = TextEncoder(cfg)
@@ -270,7 +271,10 @@ class DiT(nn.Module):
         """(1, rows * cols, D) position embedding of a rows x cols patch canvas: the buffer for the square image."""
         if rows == cols == self.grid:
             return self.pos_embed
-        return sincos_pos_embed_2d(self.config.hidden_size, rows, cols)[None].to(self.pos_embed)
+        key = (rows, cols, self.pos_embed.device, self.pos_embed.dtype)  # made once per shape, not once per call
+        if key not in self._pos:
+            self._pos[key] = sincos_pos_embed_2d(self.config.hidden_size, rows, cols)[None].to(self.pos_embed)
+        return self._pos[key]
 
     def encode_text(self, tokens):
         """The caption's features (B, L, D): they depend on neither x nor t, so a sampler computes them once per
