@@ -234,6 +234,24 @@ def peek(path):
     return load_checkpoint(path, mmap=True)
 
 
+def resume_problem(ckpt, cfg, same=()):
+    """What forbids a run under cfg (with `resume` and `steps`) from writing the checkpoint `ckpt`, or "": it exists
+    and --resume is off; it is past --steps; or it was made with another value of an option in `same` (a resumed run
+    keeps its data and recipe)."""
+    if not os.path.exists(ckpt):
+        return ""
+    if not cfg.resume:
+        return f"{ckpt} exists: pass --resume to continue (or re-evaluate) it, or choose another --out"
+    made = peek(ckpt)
+    changed = [k for k in same if made.get("config", {}).get(k) != getattr(cfg, k)]
+    if made["step"] > cfg.steps:
+        return f"--resume: {ckpt} is at step {made['step']}, beyond --steps={cfg.steps}"
+    stop = getattr(cfg, "stop_at", 0)
+    if stop and stop <= made["step"] < cfg.steps:
+        return f"--resume: {ckpt} is at step {made['step']}, so --stop_at={stop} would go back (or stay)"
+    return f"--resume: {ckpt} was trained with --{changed[0]}={made['config'].get(changed[0])}" if changed else ""
+
+
 def load_model(path, device="cpu", weights="ema"):
     """Rebuild any checkpoint's model (its config is stored with it); EMA weights by default."""
     ckpt = load_checkpoint(path)

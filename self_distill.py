@@ -38,8 +38,8 @@ from tqdm import tqdm
 import data
 import scorer
 import world
-from common import (check_config, ema_update, load_checkpoint, option, parse_config, save_checkpoint, setup,
-                    step_generator, wants_cuda)
+from common import (check_config, ema_update, load_checkpoint, option, parse_config, resume_problem, save_checkpoint,
+                    setup, step_generator, wants_cuda)
 from evaluate import name_problem, write_results
 from grids import (consistent, curated, draw_grids, grid_prompts, p_same, panels, precision_recall, read_cache,
                    target_tokens)
@@ -102,16 +102,7 @@ class Config:
         cfg = resolve(self)
         yield f"--stop_at={cfg.stop_at} is beyond --steps={cfg.steps}" if cfg.stop_at > cfg.steps else ""
         for row in (r for r in cfg.rows.split(",") if r in TRAINED):
-            ckpt = os.path.join(cfg.out, row, "ckpt.pt")
-            if os.path.exists(ckpt) and not cfg.resume:
-                yield f"{ckpt} exists: pass --resume to continue (or re-evaluate) it, or choose another --out"
-            elif os.path.exists(ckpt):
-                made = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-                changed = [k for k in RESUME_SAME if made["config"].get(k) != getattr(cfg, k)]
-                yield (f"--resume: {ckpt} is at step {made['step']}, beyond --steps={cfg.steps}"
-                       if made["step"] > cfg.steps else
-                       f"--resume: {ckpt} was trained with --{changed[0]}={made['config'].get(changed[0])}"
-                       if changed else "")
+            yield resume_problem(os.path.join(cfg.out, row, "ckpt.pt"), cfg, RESUME_SAME)
 
 
 def resolve(cfg):

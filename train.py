@@ -266,32 +266,36 @@ def train(cfg):
 # (four steps in five) and its own scenes, the grid-capable T2I model Diffusion Self-Distillation starts from.
 CPU_BASE = dict(task="t2i", n_objects=1, pooled_text=True, text_len=world.ONE_OBJECT_TOKENS, t_sampling="logit_normal",
                 grid_rate=0.0)
+FILL = dict(task="joint", joint_tasks="inpaint,outpaint")  # ByteEdit's generator: one model fills holes and borders
 RECIPES = {
     "tiny": dict(base=dict(CPU_BASE, steps=2, batch_size=4), expert=dict(steps=1, batch_size=4),
-                 grid=dict(task="t2i", steps=2, batch_size=4, grid_rate=0.5)),
+                 grid=dict(task="t2i", steps=2, batch_size=4, grid_rate=0.5), fill=dict(FILL, steps=1, batch_size=4)),
     "small": dict(base=dict(CPU_BASE, steps=4000, batch_size=64), expert=dict(steps=1500, t_sampling="logit_normal"),
-                  grid=dict(task="t2i", steps=3000, batch_size=64, grid_rate=0.8, t_sampling="logit_normal")),
+                  grid=dict(task="t2i", steps=3000, batch_size=64, grid_rate=0.8, t_sampling="logit_normal"),
+                  fill=dict(FILL, steps=2000, t_sampling="logit_normal")),
     "base": dict(base=dict(task="t2i", n_objects=0, pooled_text=True, grid_rate=0.0, steps=1800, batch_size=256,
                            lr=3e-4, warmup=300),
                  expert=dict(steps=1000, batch_size=256, lr=3e-4, warmup=100),
-                 grid=dict(task="t2i", steps=1000, batch_size=256, lr=3e-4, warmup=100, grid_rate=0.8)),
+                 grid=dict(task="t2i", steps=1000, batch_size=256, lr=3e-4, warmup=100, grid_rate=0.8),
+                 fill=dict(FILL, steps=2000, batch_size=256, lr=3e-4, warmup=100)),
 }
 
 
 def shared_path(preset_name, name, base=""):
     """Where a shared model lives: the base at out/<preset>/base/ckpt.pt; an expert beside the base it was
     fine-tuned from, at <base dir>/experts/<task>/ckpt.pt (so experts of another base never mix with these); the
-    grid model at <base dir>/grid/ckpt.pt."""
+    grid model at <base dir>/grid/ckpt.pt, the fill model at <base dir>/fill/ckpt.pt."""
     if name == "base":
         return os.path.join("out", preset_name, "base", "ckpt.pt")
-    if name == "grid":
-        return os.path.join(os.path.dirname(base), "grid", "ckpt.pt")
+    if name in ("grid", "fill"):
+        return os.path.join(os.path.dirname(base), name, "ckpt.pt")
     return os.path.join(os.path.dirname(base), "experts", name, "ckpt.pt")
 
 
 def prerequisite(preset_name, name, path="", base="", device="auto", compile="auto", quiet=False):
-    """The checkpoint of a shared model: name "base", "grid" (the base taught two-panel subject grids), or a task
-    for its expert (SFT from the checkpoint `base`).
+    """The checkpoint of a shared model: name "base", "grid" (the base taught two-panel subject grids), "fill" (the
+    base taught inpainting and outpainting, one model: ByteEdit's generator) or a task for its expert (SFT from the
+    checkpoint `base`).
 
     `path` given: it must exist; a path the user named is never built, so a typo cannot start a long build.
     Else its place under out/ (`shared_path`), trained now with RECIPES[preset_name] if it is missing; a cached
@@ -302,7 +306,7 @@ def prerequisite(preset_name, name, path="", base="", device="auto", compile="au
                              f"{preset_name} recipe's {name})")
         return path
     path = shared_path(preset_name, name, base)
-    options = dict(RECIPES[preset_name][name if name in ("base", "grid") else "expert"])
+    options = dict(RECIPES[preset_name][name if name in ("base", "grid", "fill") else "expert"])
     if name != "base":  # the expert (or grid model) reads captions as its base does, and draws its scenes
         mcfg = DiTConfig(**peek(base)["model_config"])
         options.update(task=options.get("task", name), init_from=base, pooled_text=mcfg.pooled_text,
@@ -316,7 +320,8 @@ def prerequisite(preset_name, name, path="", base="", device="auto", compile="au
             print(f"note: using cached {path}, trained {made} steps (the {preset_name} recipe trains "
                   f"{options['steps']})")
         return path
-    what = {"base": "the base model", "grid": f"the grid model (two-panel subject grids, from {base})"}.get(
+    what = {"base": "the base model", "grid": f"the grid model (two-panel subject grids, from {base})",
+            "fill": f"the fill model (inpaint and outpaint, from {base})"}.get(
         name, f"the {name} expert (SFT from {base})")
     print(f"building {what}: {path}, {options['steps']} steps")
     return train(Config(preset=preset_name, out=os.path.dirname(path), device=device, compile=compile, quiet=quiet,

@@ -16,20 +16,10 @@ import dual_process as dp
 import scorer
 import vlm
 import world
-from model import DiT, add_lora, lora_parameters, preset
+from model import add_lora, lora_parameters
+from tiny import MCFG, jittered
 
-MCFG = preset("tiny", vocab_size=len(world.VOCAB), max_text_len=world.ONE_OBJECT_TOKENS, pooled_text=True)
 NIGHT = dp.CONTROLS["night"]
-
-
-def jittered(seed=0, std=0.05):
-    """A tiny DiT whose field is not zero: every weight, the zero-initialised ones included, plus noise."""
-    torch.manual_seed(seed)
-    model = DiT(MCFG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model
 
 
 @pytest.fixture(scope="module")

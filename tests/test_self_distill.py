@@ -15,19 +15,8 @@ import grids
 import self_distill as sd
 import vlm
 import world
-from model import DiT, LoRALinear, preset
-
-MCFG = preset("tiny", vocab_size=len(world.VOCAB), max_text_len=world.ONE_OBJECT_TOKENS, pooled_text=True)
-
-
-def jittered(seed=0, std=0.05):
-    """A tiny DiT whose every weight is non-zero (the pixel-aligned projection too, so re-zeroing it shows)."""
-    torch.manual_seed(seed)
-    model = DiT(MCFG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model
+from model import DiT, LoRALinear
+from tiny import MCFG, jittered
 
 
 def cfg(**kw):
