@@ -5,7 +5,8 @@ p(a preferred over b) = sigmoid(R_a - R_b), then offset so that R = 0 lies halfw
 - `Alignment` R_b(image, caption): a tiny CLIPModel (Radford et al. 2021) from a config, built offline; the
   matching caption against captions one attribute away (`one_change`) and the batch's other captions;
 - `Aesthetic` R_a(image): a small CNN, on pairs ranked by the world's hidden `quality` (blur, noise, blocky tiles);
-- `Discriminator`: the per-pixel real/fake net of the pixel-coherence reward R_g, trained online by feedback.py.
+- `Discriminator`: the per-pixel real/fake net of the pixel-coherence reward R_g, trained online by feedback.py;
+- `perceptual`: an LPIPS-like distance from the frozen aesthetic CNN's features (feedback.py's perceptual loss).
 Training and caching live in judges.py (`python judges.py --what=alignment|aesthetic`); images are (B, 3, H, W) in
 [-1, 1] and every reward is differentiable in the pixels.
 """
@@ -37,7 +38,7 @@ class Alignment(nn.Module):
     pool="mean" embeds the mean of each tower's token features (the caption's words and EOS; the image's patches),
     "token" the CLIP way: the EOS token's features and the class token's. One token must gather a whole scene
     through a few attention heads; a mean keeps every token's features, each bound to its neighbours and position.
-    With "mean", the recipe reaches 0.990 retrieval among 8 one-attribute-apart captions (docs/judges.md)."""
+    With "mean", the recipe reaches 0.975-0.990 retrieval among 8 one-attribute-apart captions (docs/judges.md)."""
 
     def __init__(self, preset="small", res=32, pool="mean"):
         super().__init__()
@@ -203,9 +204,22 @@ class Aesthetic(nn.Module):
         return self.head(torch.cat([h.mean((2, 3)), h.std((2, 3))], 1))[:, 0] + self.offset
 
 
+def perceptual(net, a, b):
+    """A perceptual distance in the manner of LPIPS (Zhang et al. 2018) from a small frozen network instead of VGG:
+    the squared distance of channel-normalised features after each activation of `net` (an `Aesthetic`), averaged
+    over positions and summed over layers; (B, 3, H, W) images in [-1, 1] -> a scalar, differentiable in a."""
+    d, x, y = 0.0, a.float(), b.float()
+    for layer in net.net:
+        x, y = layer(x), layer(y)
+        if isinstance(layer, nn.GELU):
+            d = d + (F.normalize(x, dim=1) - F.normalize(y, dim=1)).square().sum(1).mean()
+    return d
+
+
 class Discriminator(nn.Module):
     """Per-pixel real/fake logits (B, 1, H, W): ByteEdit's pixel-coherence reward R_g, trained online by feedback.py.
-    Fully convolutional; dilations 1, 2, 4, 8 see 31 px around each pixel. in_channels 4: image + mask."""
+    Fully convolutional; dilations 1, 2, 4, 8 see 31 px around each pixel. feedback.py gives it the image alone
+    (in_channels 3); in_channels 4 would add the mask, which would tell it where the hole is."""
 
     def __init__(self, in_channels=3, width=32):
         super().__init__()

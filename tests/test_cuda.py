@@ -152,3 +152,33 @@ def test_self_distill_bf16_compiled_fine_tune_matches_fp32():
     (ref_loss, ref_grad), (loss, grad) = out[False], out[True]
     assert abs(loss - ref_loss) / abs(ref_loss) < 2e-2, (loss, ref_loss)
     assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.98
+
+
+def test_feedback_bf16_compiled_step_matches_fp32():
+    """feedback.feedback_loss (flow matching; the no-grad PeFL prefix from the noised masked input and one call with
+    gradient; the rewards, L1 and the perceptual distance; the coherence term) under bf16 autocast + torch.compile
+    gives the fp32 loss and gradient."""
+    import data
+    import feedback as fb
+    from model import frozen
+    from rewards import Aesthetic, Alignment, Discriminator
+    torch.manual_seed(0)
+    rewards = frozen(Aesthetic("tiny").cuda()), frozen(Alignment("tiny").cuda())
+    disc = Discriminator(3).cuda()
+    b = data.make_batch("inpaint", 8, 32, "cuda", seed=0)
+    noise = dict(t=torch.rand(8, device="cuda"), eps=torch.randn(8, 3, 32, 32, device="cuda"),
+                 drop=torch.zeros(8, dtype=torch.bool, device="cuda"))
+    out = {}
+    for fast in (False, True):
+        torch._dynamo.reset()
+        model = jittered_model("small")
+        e = env(fast)
+        net = torch.compile(model) if e.compile else model
+        with e.ctx:
+            loss, _ = fb.feedback_loss(net, b, noise, rewards, disc, fb.Config(), "pefl+adv", 8,
+                                       torch.Generator().manual_seed(1))
+        loss.backward()
+        out[fast] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    (ref_loss, ref_grad), (loss, grad) = out[False], out[True]
+    assert abs(loss - ref_loss) / abs(ref_loss) < 2e-2, (loss, ref_loss)
+    assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.98

@@ -14,6 +14,7 @@ import common
 import distill_onpolicy as opd
 import dual_process as dp
 import evaluate
+import feedback as fb
 import judges
 import sample
 import self_distill as sd
@@ -64,7 +65,8 @@ RUN = {"train": lambda a: train.train(common.parse_config(train.Config(), TINY +
            "--preset=tiny", "--quiet", "--out=jdir", "--results=jres", "--eval_n=2"] + a)),
        "bench": lambda a: bench.main(common.parse_config(bench.Config(), ["--device=cpu", "--preset=tiny"] + a)),
        "dual_process": lambda a: dp.train(common.parse_config(dp.Config(), ["--preset=tiny", "--quiet"] + a)),
-       "self_distill": lambda a: sd.train(common.parse_config(sd.Config(), ["--preset=tiny", "--quiet"] + a))}
+       "self_distill": lambda a: sd.train(common.parse_config(sd.Config(), ["--preset=tiny", "--quiet"] + a)),
+       "feedback": lambda a: fb.train(common.parse_config(fb.Config(), ["--preset=tiny", "--quiet"] + a))}
 EDIT = "--ckpt=out/edit/ckpt.pt"
 EDIT_ARGS = [EDIT, "--task=local_edit", "--prompt=make the red circle blue"]
 CASES = [
@@ -175,6 +177,13 @@ CASES = [
     ("self_distill", ["--judge=garbage"], "garbage is not a saved transformers model"),
     ("self_distill", ["--steps=10", "--stop_at=20"], "--stop_at=20 is beyond --steps=10"),
     ("self_distill", ["--name=a/b"], "--name='a/b' must be a plain file name"),
+    ("feedback", ["--phases=20,3"], "--phases=20,3: distinct phases, each one of 20, 8, 4, 2, 1 steps"),
+    ("feedback", ["--phases=8,8"], "--phases=8,8: distinct phases"),
+    ("feedback", ["--arms=pefl,magic"], "--arms=pefl,magic: unknown item 'magic'"),
+    ("feedback", ["--generator=typo/ckpt.pt"], "--generator=typo/ckpt.pt: no such file"),
+    ("feedback", ["--generator=out/run/ckpt.pt"], "was trained for t2i, not inpaint and outpaint"),
+    ("feedback", ["--steps=10", "--stop_at=20"], "--stop_at=20 is beyond --steps=10"),
+    ("feedback", ["--aesthetic=junk.pt"], "--aesthetic=junk.pt is not a saved aesthetic reward"),
     ("bench", ["--sample_steps=1,x"], "--sample_steps=1,x: a comma-separated list of whole numbers >= 1"),
     ("bench", ["--out=x.txt"], "--out=x.txt: the file name must end in .json"),
     ("bench", ["--preset=huge"], "--preset=huge: must be one of auto, tiny, small, base"),
@@ -219,6 +228,7 @@ SUBPROCESS = [("train.py", ["--steps=-1"], "--steps=-1: must be >= 1"),
               ("distill_onpolicy.py", ["--base=typo/ckpt.pt"], "--base=typo/ckpt.pt: no such file"),
               ("judges.py", ["--what=oracle"], "--what=oracle: unknown item 'oracle'"),
               ("self_distill.py", ["--n_grids=0"], "--n_grids=0: must be >= 1"),
+              ("feedback.py", ["--phases=0"], "--phases=0: distinct phases, each one of"),
               ("bench.py", ["--out=x.txt"], "--out=x.txt: the file name must end in .json"),
               ("data.py", ["--preview"], "data.py takes no arguments"),
               ("scorer.py", ["--n=3"], "scorer.py takes no arguments")]
