@@ -39,7 +39,7 @@ import data
 import world
 from common import (check_config, load_checkpoint, load_model, load_teacher, model_inputs, option, pairs,
                     parse_config, peek, save_checkpoint, setup, step_generator, wants_cuda)
-from evaluate import evaluate_task, name_problem, write_results
+from evaluate import evaluate_task, plain_name_problem, write_results
 from model import DiT, PRESETS, add_lora, merged_copy
 from sample import guided_velocity, interpolate, rollout, timesteps
 from train import preset_model_config, prerequisite, scene_objects
@@ -91,8 +91,7 @@ class Config:
         """Relations between options, before anything is built or trained."""
         cfg, tasks = resolve(self), self.tasks.split(",")
         ckpt = os.path.join(cfg.out, "ckpt.pt")
-        yield "" if "/" not in cfg.name and not name_problem(cfg.name) else \
-            f"--name={cfg.name!r} must be a plain file name (the table goes to results/danceopd/<name>.md)"
+        yield plain_name_problem(cfg.name, "danceopd")
         yield f"--stop_at={cfg.stop_at} is beyond --steps={cfg.steps}" if cfg.stop_at > cfg.steps else ""
         yield "" if all(label for label, _ in pairs(cfg.compare)) else "--compare takes LABEL=PATH,..."
         for task, path in pairs(cfg.experts):  # named teachers: checkpoints of this preset, trained for their task

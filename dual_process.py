@@ -42,7 +42,7 @@ from common import (check_config, load_checkpoint, model_inputs, option, parse_c
                     step_generator, wants_cuda)
 from controls import (CONTROLS, TRAIN_PROMPTS, caption_kept, control_prompts, custom_control, keep_questions,
                       oracle_check, questions_for)
-from evaluate import name_problem, write_results
+from evaluate import plain_name_problem, write_results
 from judges import prerequisite as judge_prerequisite
 from model import DiT, PRESETS, add_lora, lora_parameters, merged_copy
 from sample import euler, timesteps, x0_from_v
@@ -93,8 +93,7 @@ class Config:
     quiet: bool = False            # no progress bars
 
     def check(self):
-        yield "" if "/" not in self.name and not name_problem(self.name) else \
-            f"--name={self.name!r} must be a plain file name (the tables go to results/dual_process/<name>.md)"
+        yield plain_name_problem(self.name, "dual_process")
         yield f"{self.judge} is not a saved transformers model (no config.json)" \
             if self.judge and not os.path.isfile(os.path.join(self.judge, "config.json")) else ""
         for name in self.controls.split(","):

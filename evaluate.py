@@ -187,6 +187,13 @@ def name_problem(name):
     return ""
 
 
+def plain_name_problem(name, topic):
+    """What is wrong with a method script's --name, or "": a plain file name, since its tables go to
+    results/<topic>/<name>.md."""
+    return "" if "/" not in name and not name_problem(name) else \
+        f"--name={name!r} must be a plain file name (the tables go to results/{topic}/<name>.md)"
+
+
 def write_results(name, lines, payload):
     """Print a table and write it to results/<name>.md, with `payload` as results/<name>.json (each atomically)."""
     if name_problem(name):

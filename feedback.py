@@ -44,7 +44,7 @@ import scorer
 import world
 from common import (check_config, ema_update, load_checkpoint, model_inputs, option, parse_config, peek,
                     resume_problem, save_checkpoint, setup, step_generator, wants_cuda)
-from evaluate import name_problem, write_results
+from evaluate import plain_name_problem, write_results
 from judges import prerequisite as judge_prerequisite
 from model import DiT, PRESETS
 from rewards import Discriminator, perceptual
@@ -93,8 +93,7 @@ class Config:
     quiet: bool = False            # no progress bars
 
     def check(self):
-        yield "" if "/" not in self.name and not name_problem(self.name) else \
-            f"--name={self.name!r} must be a plain file name (the tables go to results/feedback/<name>.md)"
+        yield plain_name_problem(self.name, "feedback")
         items = self.phases.split(",")
         bad = [p for p in items if not p.isdigit() or int(p) not in PHASES] or len(set(items)) < len(items)
         yield f"--phases={self.phases}: distinct phases, each one of {', '.join(map(str, PHASES))} steps" \
@@ -204,8 +203,8 @@ def step_batch(cfg, step, res, n_objects, text_len, device):
     batch = data.make_batch(task, cfg.batch_size, res, device, seed=cfg.seed * 1_000_003 + step,
                             n_objects=n_objects, text_len=text_len)
     gen = step_generator(cfg.seed, step)
-    noise = dict(t=torch.randn(cfg.batch_size, generator=gen).sigmoid(), eps=torch.randn(batch.target.shape,
-                                                                                         generator=gen),
+    noise = dict(t=torch.randn(cfg.batch_size, generator=gen).sigmoid(),                # logit-normal t
+                 eps=torch.randn(batch.target.shape, generator=gen),
                  drop=torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop)
     return batch, {k: v.to(device) for k, v in noise.items()}
 

@@ -40,7 +40,7 @@ import scorer
 import world
 from common import (check_config, ema_update, load_checkpoint, option, parse_config, resume_problem, save_checkpoint,
                     setup, step_generator, wants_cuda)
-from evaluate import name_problem, write_results
+from evaluate import plain_name_problem, write_results
 from grids import (consistent, curated, draw_grids, grid_prompts, p_same, panels, precision_recall, read_cache,
                    target_tokens)
 from judges import prerequisite as judge_prerequisite
@@ -95,8 +95,7 @@ class Config:
     quiet: bool = False            # no progress bars
 
     def check(self):
-        yield "" if "/" not in self.name and not name_problem(self.name) else \
-            f"--name={self.name!r} must be a plain file name (the tables go to results/self_distill/<name>.md)"
+        yield plain_name_problem(self.name, "self_distill")
         yield f"{self.judge} is not a saved transformers model (no config.json)" \
             if self.judge and not os.path.isfile(os.path.join(self.judge, "config.json")) else ""
         cfg = resolve(self)
