@@ -222,9 +222,12 @@ def load_checkpoint(path, model_config=None, mmap=False):
         raise SystemExit(f"{path} is not a checkpoint of this project ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "ema" not in ckpt:
         raise SystemExit(f"{path} is not a checkpoint of this project (no model_config / ema)")
-    if model_config is not None and ckpt["model_config"] != dataclasses.asdict(model_config):
-        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in dataclasses.asdict(model_config).items()
-                if ckpt["model_config"].get(k) != v}
+    try:  # model options newer than the file take their defaults
+        found = ckpt["model_config"] = dataclasses.asdict(DiTConfig(**ckpt["model_config"]))
+    except TypeError as e:
+        raise SystemExit(f"{path} has a model option this code does not know ({e})") from None
+    if model_config is not None and found != dataclasses.asdict(model_config):
+        diff = {k: (v, found[k]) for k, v in dataclasses.asdict(model_config).items() if found[k] != v}
         raise SystemExit(f"{path} was trained with another model config (wanted, found): {diff}")
     return ckpt
 

@@ -28,8 +28,8 @@ import torch
 
 from world import (BACKGROUNDS, CELLS, CENTERS, COLORS, COOL, HORIZONS, LIGHT, LINES, MAX_TOKENS, PATTERNS, SHAPES,
                    SIZES, WARM,
-                   Grid, Scene, allowed, caption, describe, describe_background, free_cells, load_image, luma, pick,
-                   render, sample_background, sample_object, sample_scene, to_pil, tokenize)
+                   Grid, Scene, allowed, caption, degrade, describe, describe_background, free_cells, load_image, luma,
+                   pick, render, sample_background, sample_object, sample_scene, to_pil, tokenize)
 
 TASKS = ("t2i", "local_edit", "global_edit", "inpaint", "outpaint", "customize")
 
@@ -227,16 +227,25 @@ def grid(rng, split, inconsistency):
 
 
 SPLITS = ("train", "test", "heldout")
+# Edit targets as a pipeline makes them (a world option, docs/danceopd.md): real edit datasets are generated, so
+# their targets are softer, noisier and slightly misregistered than the photos T2I data is made of. Keyword
+# arguments of world.degrade; sources, masks and every test split stay clean renders.
+EDIT_DATA = {"clean": None, "pipeline": dict(sigma=0.7, noise=0.03, shift=1)}
 
 
 def make_batch(task, n, res, device="cpu", seed=0, split="train", grids=False, grid_inconsistency=0.25,
-               n_objects=None, text_len=MAX_TOKENS):
+               n_objects=None, text_len=MAX_TOKENS, edit_data="clean"):
     """One batch of `task`, deterministic in (seed, split, task), built straight into tensors on `device`.
     grids: a t2i batch of two-panel subject grids (targets (n, 3, res, 2 res), captions "two images of the same").
     n_objects fixes the object count of t2i / inpaint / outpaint scenes (default: 1-3); text_len is the width of
-    batch.tokens: the model's DiTConfig.max_text_len, so that a caption too long for it fails here, on the host."""
-    if task not in TASKS or split not in SPLITS:
-        raise ValueError(f"unknown task {task!r} or split {split!r}: tasks are {TASKS}, splits {SPLITS}")
+    batch.tokens: the model's DiTConfig.max_text_len, so that a caption too long for it fails here, on the host.
+    edit_data: a key of EDIT_DATA, how local and global edit targets are made (masks come from the clean ones)."""
+    if task not in TASKS or split not in SPLITS or edit_data not in EDIT_DATA:
+        raise ValueError(f"unknown task {task!r}, split {split!r} or edit_data {edit_data!r}: tasks are {TASKS}, "
+                         f"splits {SPLITS}, edit data {tuple(EDIT_DATA)}")
+    if edit_data != "clean" and split != "train":
+        raise ValueError(f"edit_data={edit_data!r} is a property of training data; the {split} split is scored "
+                         "against clean renders")
     rng = np.random.default_rng([seed, SPLITS.index(split), TASKS.index(task)])
     texts, sources, targets, masks = [], [], [], []
     for _ in range(n):
@@ -262,6 +271,9 @@ def make_batch(task, n, res, device="cpu", seed=0, split="train", grids=False, g
         batch.cond = torch.cat([source, torch.zeros_like(source[:, :1])], 1)
         if task == "local_edit":  # exactly the pixels the edit changed
             batch.mask = ((source - target).abs().amax(1, keepdim=True) > 0).float()
+        if EDIT_DATA[edit_data]:
+            gen = torch.Generator().manual_seed(seed * 7)  # train split only: a stream of its own per seed
+            batch.target = degrade(target, **EDIT_DATA[edit_data], generator=gen)
     elif task in ("inpaint", "outpaint"):
         batch.mask = torch.from_numpy(np.stack(masks)[:, None]).to(device)
         batch.cond = torch.cat([target * (1 - batch.mask), batch.mask], 1)

@@ -39,7 +39,7 @@ import data
 import world
 from common import (check_config, load_checkpoint, load_model, load_teacher, model_inputs, option, pairs,
                     parse_config, peek, save_checkpoint, setup, step_generator, wants_cuda)
-from evaluate import evaluate_task, plain_name_problem, write_results
+from evaluate import evaluate_task, paired_difference, plain_name_problem, write_results
 from model import DiT, PRESETS, add_lora, merged_copy
 from sample import guided_velocity, interpolate, rollout, timesteps
 from train import preset_model_config, prerequisite, scene_objects
@@ -72,6 +72,8 @@ class Config:
                                    # (QUERY below): beta = Beta(5, 2) | median | high | low | uniform | curriculum
     mode: str = option("onpolicy", choices=("onpolicy", "offpolicy", "dense"))  # onpolicy | offpolicy (forward-
                                    # noised data) | dense (all states, dt^2/2)
+    edit_data: str = option("clean", choices=tuple(data.EDIT_DATA))  # world option: the edit targets --mode=offpolicy
+                                   # noises (set it as the teachers were trained: train.py --edit_data)
     routing: str = option("hard", choices=("hard", "soft"))  # hard (the routed teacher) | soft (mean of all teachers)
     rollin: float = option(0.0, low=0, high=1)  # DAgger roll-in: P(a rollout step is the teacher's), falling
                                    # linearly to 0 (0 = off)
@@ -99,6 +101,9 @@ class Config:
                 f"--experts={task}=...: {task} is not an edit task of --tasks={cfg.tasks} (the T2I teacher is --base)"
             yield "" if task in peek(path).get("tasks", []) else f"{path} was trained for " \
                 f"{', '.join(peek(path).get('tasks', []))}, so it cannot teach {task}"
+            made = peek(path).get("config", {}).get("edit_data", "clean")
+            yield "" if made == cfg.edit_data else f"{path} was trained on --edit_data={made}: pass --edit_data=" \
+                f"{made} so that off-policy states and the table describe its world"
         for path in [p for p in (cfg.base, cfg.init) if p] + [p for _, p in pairs(cfg.experts)]:
             preset_model_config(path, cfg.preset)  # a one-line error for a checkpoint of another preset
         for _, path in pairs(cfg.compare):
@@ -135,7 +140,7 @@ def get_batch(cfg, tasks, step, res, device, text_len=world.MAX_TOKENS, n_object
     text_len: the models' caption length; n_objects: the T2I teacher's scenes (edits: unaffected)."""
     route = tasks[int(torch.randint(len(tasks), (1,), generator=step_generator(cfg.seed, step, salt=1)))]
     return data.make_batch(route, cfg.batch_size, res, device, seed=cfg.seed * 1_000_003 + step,
-                           n_objects=n_objects, text_len=text_len)
+                           n_objects=n_objects, text_len=text_len, edit_data=cfg.edit_data)
 
 
 def query_index(gen, shape, n, position="beta", progress=0.0):
@@ -241,7 +246,7 @@ def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
     for task, teacher in teachers.items():
         models.setdefault("base (t2i teacher)" if task == "t2i" else f"{task} teacher", (teacher, cfg.cfg_alpha))
     if cfg.merged and len(teachers) > 1:
-        merged = copy.deepcopy(next(iter(teachers.values())))
+        merged = DiT(student.config).to(device).eval()  # reads task ids as the student does (one_edit_token)
         merged.load_state_dict(merge_weights([m.state_dict() for m in teachers.values()]))
         models["merged teachers"] = (merged, 1.0)
     for label, path in pairs(cfg.compare):
@@ -249,7 +254,7 @@ def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
     res, results = student.config.image_size, {}
     for label, (model, scale) in tqdm(models.items(), desc="evaluate", disable=cfg.quiet):
         results[label] = {t: evaluate_task(model, t, cfg.eval_n, res, device, n_objects=n_objects,
-                                           steps=cfg.rollout_steps, cfg_scale=scale) for t in tasks}
+                                           steps=cfg.rollout_steps, cfg_scale=scale, per_example=True) for t in tasks}
         for r in results[label].values():  # a graded companion to the all-or-nothing success
             r["attributes"] = sum(r[k] for k in ATTRIBUTES if k in r) / sum(k in r for k in ATTRIBUTES)
         results[label]["average"] = {k: sum(results[label][t][k] for t in tasks) / len(tasks)
@@ -263,8 +268,32 @@ def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
              "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {label} | " + " | ".join(f"{r[c]['success']:.3f} / {r[c]['attributes']:.3f}" for c in columns) + " |"
               for label, r in results.items()]
+    lines += teacher_gaps(results, tasks, teachers)
     write_results(f"danceopd/{cfg.name}", lines, dict(config=dataclasses.asdict(cfg), teachers=paths, results=results))
     return results
+
+
+def teacher_gaps(results, tasks, teachers):
+    """Table lines: each model minus the task's teacher, paired over the same examples and noise (mean +- SE), in
+    success and PSNR to the truth; the teacher rows themselves are left out. Moves the per-example lists out of
+    `results` (its JSON keeps these gaps instead)."""
+    own = {t: "base (t2i teacher)" if t == "t2i" else f"{t} teacher" for t in tasks if t in teachers}
+    each = {label: {t: r[t].pop("per_example") for t in tasks} for label, r in results.items()}
+    lines = ["", "Each model minus the task's teacher on the same examples and noise, mean +- one standard error: "
+             "success; PSNR to the truth (dB).", "", "| model | " + " | ".join(tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    for label, r in results.items():
+        if label in own.values():
+            continue
+        cells = []
+        for t in tasks:
+            gap = {k: paired_difference(each[label][t][k], each[own[t]][t][k]) for k in ("success", "psnr_truth")
+                   if k in each[label][t]}
+            r[t]["vs_teacher"] = gap
+            cells.append("; ".join(f"{m:+.3f} +- {se:.3f}" if k == "success" else f"{m:+.2f} +- {se:.2f} dB"
+                                   for k, (m, se) in gap.items()))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def command_args(cfg):
@@ -304,9 +333,16 @@ def train(cfg):
     named = dict(pairs(cfg.experts))
     paths = {t: base if t == "t2i" else prerequisite(cfg.preset, t, named.get(t, ""), base, **run) for t in tasks}
     base_ckpt, n_objects = load_checkpoint(base, mcfg), scene_objects(base)
-    teachers = {task: load_teacher(paths[task], mcfg, task, env.device) for task in tasks}
+    own = {t: dataclasses.replace(mcfg, one_edit_token=preset_model_config(paths[t], cfg.preset).one_edit_token)
+           for t in tasks}  # a teacher may read edits with one token (world option); the student reads as they do
+    shared = {own[t].one_edit_token for t in tasks if t in ("local_edit", "global_edit")}
+    if len(shared) > 1:
+        raise SystemExit("the edit teachers disagree on one_edit_token (train.py --one_edit_token): train them alike")
+    mcfg = dataclasses.replace(mcfg, one_edit_token=shared.pop() if shared else False)
+    teachers = {task: load_teacher(paths[task], own[task], task, env.device) for task in tasks}
     torch.manual_seed(cfg.seed)  # the LoRA init; everything later draws from step_generator
-    init = load_checkpoint(cfg.init, mcfg)["ema"] if cfg.init else base_ckpt["ema"]
+    init = load_checkpoint(cfg.init, dataclasses.replace(mcfg, one_edit_token=preset_model_config(
+        cfg.init, cfg.preset).one_edit_token))["ema"] if cfg.init else base_ckpt["ema"]  # same weights, any token
     student = make_student(init, mcfg, cfg.lora_rank, cfg.lora_scale, env.device)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=env.device.type == "cuda")

@@ -39,6 +39,9 @@ class Config:
     handover_at: str = "0,1,2,4,8,12,16"  # the Euler steps at which the probe hands one model's state to the other
                                   # ("" = no handover probe)
     source_probe: bool = False    # with --teachers: how much each model's x0 estimate follows the source, per state
+    paired: bool = False          # with --teachers: each checkpoint minus its task's teacher on the same examples
+                                  # and noise, success and PSNR to the truth, mean +- SE (docs/danceopd.md);
+                                  # add --handover_at= to skip the handover probe
     device: str = option("auto", choices=("auto", "cpu", "cuda"), device=True)  # auto | cpu | cuda
 
     def check(self):
@@ -48,6 +51,8 @@ class Config:
             f"--handover_at={self.handover_at}: each step must be a whole number in 0..{self.steps} (--steps)"
         yield "--source_probe=true needs --teachers=TASK=PATH,... (the probe runs on their rollouts)" \
             if self.source_probe and not self.teachers else ""
+        yield "--paired=true needs --teachers=TASK=PATH,... (the references)" if self.paired and not self.teachers \
+            else ""
         for label, path in pairs(self.ckpts):  # each must be a checkpoint trained for one of the tasks
             trained = peek(path).get("tasks", [])
             yield "" if set(trained) & set(self.tasks.split(",")) else \
@@ -63,11 +68,12 @@ T2I_SUBSETS_ONE_OBJECT = [("t2i 1 object", "test", 1), ("t2i held-out pairs, 1 o
 
 @torch.no_grad()
 def evaluate_task(model, task, n, res, device, split="test", n_objects=None, steps=16, cfg_scale=1.0, seed=0,
-                  batch_size=100, first=None, handover=0):
+                  batch_size=100, first=None, handover=0, per_example=False):
     """Sample `model` on n fixed test examples of `task` and score them. Returns the scorer's means, and for
     local and global edits the success per edit kind ("success move": data.EDIT_KINDS). With `first`, that
-    model takes the first `handover` Euler steps and `model` the rest, from the state `first` reached."""
-    rows, weights, kinds = [], [], {}
+    model takes the first `handover` Euler steps and `model` the rest, from the state `first` reached.
+    per_example: also "per_example": {success: [...], psnr_truth: [...]} (where the task has it), for paired tests."""
+    rows, weights, kinds, each = [], [], {}, {"success": [], "psnr_truth": []}
     for i in range(0, n, batch_size):
         b = data.make_batch(task, min(batch_size, n - i), res, device, seed=seed * 1000 + i, split=split,
                             n_objects=n_objects, text_len=model.config.max_text_len)
@@ -76,12 +82,24 @@ def evaluate_task(model, task, n, res, device, split="test", n_objects=None, ste
         x = noise if first is None else euler(first, noise, cond, steps, cfg_scale, stop=handover)
         x = euler(model, x, cond, steps, cfg_scale, start=0 if first is None else handover).clamp(-1, 1)
         means, success = scorer.score(task, x, b)
+        if per_example:
+            each["success"] += success
+            each["psnr_truth"] += scorer.psnr(x, b.target).tolist() if "psnr_truth" in means else []
         rows.append(means)
         weights.append(len(b.text))
         for text, s in zip(b.text, success) if task in data.EDIT_KINDS else ():
             kinds.setdefault(data.edit_kind(task, text), []).append(s)
     out = {k: sum(r[k] * w for r, w in zip(rows, weights)) / sum(weights) for k in rows[0]}
-    return out | {f"success {k}": sum(kinds[k]) / len(kinds[k]) for k in data.EDIT_KINDS.get(task, ()) if k in kinds}
+    out |= {f"success {k}": sum(kinds[k]) / len(kinds[k]) for k in data.EDIT_KINDS.get(task, ()) if k in kinds}
+    return out | (dict(per_example={k: v for k, v in each.items() if v}) if per_example else {})
+
+
+def paired_difference(a, b):
+    """Mean and standard error of a - b over examples scored on the same conditions and noise (lists)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need one per example on both sides, got {len(a)} and {len(b)}")
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)  # SE: nan for one example
+    return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
 
 
 @torch.no_grad()
@@ -207,8 +225,8 @@ def write_results(name, lines, payload):
     print("\n".join(lines) + f"\nwrote {path}.md and {path}.json")
 
 
-HEADLINE = {"psnr_outside": "PSNR out", "seam_error": "seam", "concept_debiased": "CP debiased",
-            "prompt": "PF"}  # extra columns next to success
+HEADLINE = {"psnr_outside": "PSNR out", "psnr_truth": "PSNR truth", "seam_error": "seam",
+            "concept_debiased": "CP debiased", "prompt": "PF"}  # extra columns next to success
 
 
 def main(cfg):
@@ -218,6 +236,23 @@ def main(cfg):
     results, probes, handovers, sources = {}, {}, {}, {}
     steps_at = [int(k) for k in cfg.handover_at.split(",") if k.strip()]
     teachers = {task: load_model(path, device)[0] for task, path in pairs(cfg.teachers)}  # loaded once
+    paired, references = {}, {}
+
+    def reference(task, n_objects):  # the teacher's per-example scores on the same examples, computed once
+        if (task, n_objects) not in references:
+            references[task, n_objects] = evaluate_task(
+                teachers[task], task, cfg.n, teachers[task].config.image_size, device, "test", n_objects, cfg.steps,
+                cfg.cfg_scale, cfg.seed, cfg.batch_size, per_example=True)["per_example"]
+        return references[task, n_objects]
+
+    def pairable(task, split, n_objects, model):  # the teacher draws the same examples from the same noise
+        t = teachers.get(task)
+        return cfg.paired and t is not None and split == "test" and t.config.image_size == model.config.image_size \
+            and (t.config.max_text_len >= world.MAX_TOKENS or n_objects == 1 or task != "t2i")
+
+    def difference(mine, ref):  # {metric: (mean, SE)} of checkpoint - teacher
+        return {k: paired_difference(mine[k], ref[k]) for k in mine if k in ref}
+
     for label, path in pairs(cfg.ckpts):
         label = label or os.path.basename(os.path.dirname(path)) or path
         model, ckpt = load_model(path, device)
@@ -229,7 +264,9 @@ def main(cfg):
             subsets = [(task, "test", None)] if task != "t2i" else T2I_SUBSETS_ONE_OBJECT if short else T2I_SUBSETS
             for name, split, n_obj in subsets:
                 m = evaluate_task(model, task, cfg.n, res, device, split, n_obj, cfg.steps, cfg.cfg_scale, cfg.seed,
-                                  cfg.batch_size)
+                                  cfg.batch_size, per_example=pairable(task, split, n_obj, model))
+                if "per_example" in m:
+                    paired[label, name] = difference(m.pop("per_example"), reference(task, n_obj))
                 results[label][name] = m
                 print(f"{label:>16s} {name:20s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
             if task == "t2i" and cfg.shape_probe:
@@ -246,7 +283,7 @@ def main(cfg):
         cells = []
         for c in columns:
             m = r.get(c)
-            extra = ", ".join(f"{HEADLINE[k]} {m[k]:.{1 if k == 'psnr_outside' else 3}f}" for k in HEADLINE
+            extra = ", ".join(f"{HEADLINE[k]} {m[k]:.{1 if k.startswith('psnr') else 3}f}" for k in HEADLINE
                               if m and k in m)
             cells.append("-" if m is None else f"{m['success']:.3f}" + (f" ({extra})" if extra else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -257,6 +294,13 @@ def main(cfg):
                       "|---|" + "---|" * len(kinds)]
             lines += [f"| {label} | " + " | ".join(f"{r[task].get(f'success {k}', 0):.3f}" for k in kinds) + " |"
                       for label, r in results.items() if task in r]
+    if paired:
+        lines += ["", "Each checkpoint minus its task's teacher (--teachers) on the same examples and noise, mean +- "
+                  "one standard error: success, PSNR to the truth (dB):", "",
+                  "| checkpoint | row | d success | d PSNR truth |", "|---|---|---|---|"]
+        lines += [f"| {label} | {task} | " + " | ".join(f"{d[k][0]:+.3f} +- {d[k][1]:.3f}" if k in d else "-"
+                                                         for k in ("success", "psnr_truth")) + " |"
+                  for (label, task), d in paired.items()]
     for label, p in probes.items():
         lines += probe_lines(label, p)
     for (label, task), h in handovers.items():
@@ -264,6 +308,7 @@ def main(cfg):
     for (label, task), r in sources.items():
         lines += source_lines(label, task, r)
     extra = dict(shape_probe=probes, handover={f"{l} {t}": h for (l, t), h in handovers.items()},
+                 paired={f"{l} {t}": d for (l, t), d in paired.items()},
                  source_probe={f"{l} {t}": r for (l, t), r in sources.items()})
     write_results(cfg.name, lines, dict(config=vars(cfg), results=results, **{k: v for k, v in extra.items() if v}))
     return results

@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from data import TASKS
+
 
 @dataclass
 class DiTConfig:
@@ -51,7 +53,11 @@ class DiTConfig:
     head_channels: int = 8        # extra output channels the final layer hands to the conv head
     qk_norm: bool = True          # RMSNorm on queries and keys per head (stabilises attention logits)
     pooled_text: bool = False     # also add the caption's mean word feature to the adaLN vector c (as SD3 does)
+    one_edit_token: bool = False  # local and global edits share one task token: the scope of an edit (keep the
+                                  # other pixels, or change them all) is read from the words (docs/danceopd.md)
 
+
+EDIT_TASK_IDS = (TASKS.index("local_edit"), TASKS.index("global_edit"))  # the ids one_edit_token makes one
 
 PRESETS = {
     "tiny": dict(image_size=32, patch_size=4, hidden_size=64, depth=2, num_heads=2, text_depth=1),    # tests
@@ -294,6 +300,8 @@ class DiT(nn.Module):
         h = self.x_embedder(patchify(x, p)) + pos                                  # (B, N, D)
         if cond is not None:
             h = h + self.cond_embedder(patchify(cond, p))                          # (B, N, D)
+        if self.config.one_edit_token:                                             # global edit -> edit token
+            task = torch.where(task == EDIT_TASK_IDS[1], EDIT_TASK_IDS[0], task)
         task_emb = self.task_embedder(task)                                        # (B, D)
         text = self.text_encoder(tokens) if text is None else text                 # (B, L, D)
         seq = [task_emb[:, None], text]

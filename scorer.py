@@ -8,7 +8,9 @@ mass, so the measurements are tolerant to the blurry, noisy images a generator m
 batch)` gives each task's metrics: attribute accuracy (GenEval-like) for t2i; edit success and PSNR outside the
 edit for local edits; success of the global edit with structure kept; content accuracy, seam error and PSNR
 outside the hole for in/outpainting; concept preservation, prompt following and de-biased preservation for
-customisation. Its own accuracy on clean, degraded and wrong-spec renders: `python scorer.py`
+customisation. Fidelity, where the spec fixes every pixel (t2i, both edits): PSNR to the spec's render, which
+the parse forgives and which blur, noise and misregistration all lower ("psnr_truth"). Its own accuracy on clean,
+degraded and wrong-spec renders: `python scorer.py`
 (results/world/scorer.json).
 """
 import itertools
@@ -23,7 +25,7 @@ from dataclasses import replace
 
 from data import TASKS, make_batch
 from world import (BACKGROUNDS, CENTERS, COLORS, HORIZONS, LIGHT, LINES, SHAPES, SIZES, Grid, Obj, Scene, apply_tone,
-                   coverage, free_cells, luma, outline_color, rgb, sdf)
+                   coverage, degrade, free_cells, luma, outline_color, rgb, sdf)
 
 
 def _palette(names, tone):
@@ -261,23 +263,12 @@ def score(task, images, batch):
     if task == "local_edit":
         source = batch.cond[:, :3]
         out["psnr_outside"] = float(psnr(images, source, 1 - batch.mask).mean())
+    if task in ("t2i", "local_edit", "global_edit"):  # fidelity: blur, noise, shifts and wrong content all cost
+        out["psnr_truth"] = float(psnr(images, batch.target).mean())
     if task in ("inpaint", "outpaint"):
         out["psnr_outside"] = float(psnr(images, batch.target, 1 - batch.mask).mean())
         out["seam_error"] = float(seam_error(images, batch.target, batch.mask).mean())
     return out, [r["success"] for r in rows]
-
-
-def degrade(img, sigma=1.0, noise=0.05, generator=None):
-    """Gaussian blur (sigma in pixels) + Gaussian noise (std in [0, 1] units): a stand-in for a generator's output."""
-    r = max(1, int(3 * sigma))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=img.dtype, device=img.device) ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    x = F.pad(img, (r, r, r, r), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)  # blur rows
-    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)  # then columns
-    eps = torch.randn(x.shape, generator=generator, dtype=img.dtype).to(img.device)
-    return (x + 2 * noise * eps).clamp(-1, 1)
-
 
 
 def perturb(spec, rng):

@@ -42,6 +42,10 @@ class Config:
     text_len: int = option(0, low=0, high=world.MAX_TOKENS)  # model option: caption tokens the model reads (0 =
                                    # world.MAX_TOKENS = 48); 24 (world.ONE_OBJECT_TOKENS) holds every 1-object
                                    # caption and edit instruction
+    one_edit_token: bool = False   # model option: local and global edits share one task token (world option,
+                                   # docs/danceopd.md); pass it again when fine-tuning such a model
+    edit_data: str = option("clean", choices=tuple(data.EDIT_DATA))  # world option: clean | pipeline (edit targets
+                                   # blurred, noisy and misregistered as generated edit datasets are: data.EDIT_DATA)
     init_from: str = option("", path="file")  # checkpoint to fine-tune from ("" = train from scratch)
     manifest: str = option("", path="file")  # your own pairs: a JSONL or CSV manifest (data.load_manifest) instead
                                    # of the world's; every step draws its batch from the rows of the step's task
@@ -124,7 +128,8 @@ def get_batch(cfg, env, step, res, manifest=None):
     else:
         grids = task == "t2i" and float(torch.rand(1, generator=step_generator(cfg.seed, step, salt=3))) < cfg.grid_rate
         batch = data.make_batch(task, cfg.batch_size, res, env.device, seed=cfg.seed * 1_000_003 + step,
-                                grids=grids, n_objects=cfg.n_objects or None, text_len=text_len)
+                                grids=grids, n_objects=cfg.n_objects or None, text_len=text_len,
+                                edit_data=cfg.edit_data)
     gen = step_generator(cfg.seed, step)
     t = torch.randn(cfg.batch_size, generator=gen).sigmoid() if cfg.t_sampling == "logit_normal" else \
         torch.rand(cfg.batch_size, generator=gen)
@@ -174,13 +179,18 @@ def train(cfg):
     if cfg.batch_size % env.world:
         raise SystemExit(f"--batch_size={cfg.batch_size} is not divisible by {env.world} processes")
     mcfg = preset(cfg.preset, vocab_size=len(world.VOCAB), max_text_len=cfg.text_len or world.MAX_TOKENS,
-                  pooled_text=cfg.pooled_text)
+                  pooled_text=cfg.pooled_text, one_edit_token=cfg.one_edit_token)
     manifest = own_data(cfg.manifest, tasks, mcfg) if cfg.manifest else None
     torch.manual_seed(cfg.seed)  # the initial weights; everything later draws from step_generator
     model = DiT(mcfg).to(env.device)
     ckpt_path, start, trained = os.path.join(cfg.out, "ckpt.pt"), 0, []
     if cfg.init_from:
-        init = load_checkpoint(cfg.init_from, mcfg)
+        # the same network; how it reads task ids (one_edit_token) may change with the fine-tune
+        was = DiTConfig(**peek(cfg.init_from)["model_config"]).one_edit_token
+        if was != cfg.one_edit_token:
+            print(f"note: {cfg.init_from} read edits with one_edit_token={was}; this run reads them with "
+                  f"{cfg.one_edit_token}")
+        init = load_checkpoint(cfg.init_from, dataclasses.replace(mcfg, one_edit_token=was))
         model.load_state_dict(init["ema"])  # fine-tune from the smoothed weights
         trained = init.get("tasks", [])
     ema = DiT(mcfg).to(env.device).eval().requires_grad_(False)
@@ -310,6 +320,7 @@ def prerequisite(preset_name, name, path="", base="", device="auto", compile="au
     if name != "base":  # the expert (or grid model) reads captions as its base does, and draws its scenes
         mcfg = DiTConfig(**peek(base)["model_config"])
         options.update(task=options.get("task", name), init_from=base, pooled_text=mcfg.pooled_text,
+                       one_edit_token=mcfg.one_edit_token,
                        text_len=mcfg.max_text_len, n_objects=scene_objects(base) or 0)
     if os.path.exists(path):
         made, source = peek(path).get("step"), peek(path).get("config", {}).get("init_from")

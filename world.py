@@ -296,6 +296,24 @@ def load_image(path, res, mask=False):
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
+def degrade(img, sigma=1.0, noise=0.05, generator=None, shift=0):
+    """Gaussian blur (sigma in pixels) + Gaussian noise (std in [0, 1] units), and with shift > 0 each image moved
+    by up to `shift` pixels in x and y (edges repeated): a generator's output, or a pipeline-made edit target."""
+    r = max(1, int(3 * sigma))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=img.dtype, device=img.device) ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    x = torch.nn.functional.pad(img, (r, r, r, r), mode="replicate")
+    x = torch.nn.functional.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)  # blur rows
+    x = torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)  # then columns
+    eps = torch.randn(x.shape, generator=generator, dtype=img.dtype).to(img.device)
+    if shift:  # misregistration: crop a shifted window of the edge-padded image
+        H, W = x.shape[-2:]
+        pad = torch.nn.functional.pad(x, (shift,) * 4, mode="replicate")
+        d = torch.randint(0, 2 * shift + 1, (len(x), 2), generator=generator).tolist()
+        x = torch.stack([p[:, dy:dy + H, dx:dx + W] for p, (dy, dx) in zip(pad, d)])
+    return (x + 2 * noise * eps).clamp(-1, 1)
+
+
 def check_images(images, name="images"):
     """(B, 3, H, W), square, at least 8 px, in the generator's range [-1, 1] (|x| up to 1.5 tolerated)."""
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:

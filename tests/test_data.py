@@ -65,6 +65,35 @@ def test_scorer_tolerates_degraded_renders():
     assert all(means[k] >= 0.9 for k in scorer.OBJECT_ATTRS + ("count", "sky", "ground", "horizon")), means
 
 
+def test_pipeline_edit_data_degrades_only_the_edit_targets():
+    """World option edit_data="pipeline": edit targets are blurred, noisy and shifted (deterministically per seed),
+    the conditions and masks are the clean ones, the edit still reads as done, other tasks and test splits untouched."""
+    for task in ("local_edit", "global_edit"):
+        clean, made = (data.make_batch(task, 64, 32, seed=3, edit_data=e) for e in ("clean", "pipeline"))
+        assert torch.equal(made.cond, clean.cond) and made.text == clean.text
+        assert made.mask is None or torch.equal(made.mask, clean.mask)  # the pixels the edit changed, from clean
+        lost = scorer.psnr(made.target, clean.target)
+        assert (lost < 30).all() and lost.mean() > 15, lost  # clearly worse than the render, not destroyed
+        assert torch.equal(made.target, data.make_batch(task, 64, 32, seed=3, edit_data="pipeline").target)
+        assert scorer.score(task, made.target, clean)[0]["success"] >= 0.95  # the content is still the edit
+    for task in ("t2i", "inpaint"):
+        assert torch.equal(data.make_batch(task, 8, 32, seed=3, edit_data="pipeline").target,
+                           data.make_batch(task, 8, 32, seed=3).target)
+    with pytest.raises(ValueError, match="scored against clean renders"):
+        data.make_batch("local_edit", 4, 32, split="test", edit_data="pipeline")
+
+
+def test_psnr_to_the_truth_falls_with_each_degradation():
+    """The fidelity metric reads what the parse forgives: blur, noise and misregistration each lower it."""
+    b = data.make_batch("t2i", 64, 32, seed=4, split="test")
+    g = lambda: torch.Generator().manual_seed(0)
+    clean = scorer.score("t2i", b.target, b)[0]["psnr_truth"]
+    blur = scorer.score("t2i", world.degrade(b.target, 0.7, 0.0, g()), b)[0]["psnr_truth"]
+    blur_noise = scorer.score("t2i", world.degrade(b.target, 0.7, 0.03, g()), b)[0]["psnr_truth"]
+    shifted = scorer.score("t2i", world.degrade(b.target, 0.7, 0.03, g(), shift=1), b)
+    assert clean > blur > blur_noise > shifted[0]["psnr_truth"] and shifted[0]["success"] >= 0.95
+
+
 def test_scorer_rejects_wrong_specs():
     b, rng = data.make_batch("t2i", 80, 32, seed=13, split="test"), np.random.default_rng(0)
     passes = [scorer.compare(scorer.parse(x), scorer.perturb(s, rng))["full"] for x, s in zip(b.target, b.specs)]

@@ -283,6 +283,8 @@ def test_end_to_end_resume_and_errors(tmp_path, monkeypatch, capsys):
     assert set(res) == {"danceopd", "base (t2i teacher)", "local_edit teacher", "global_edit teacher",
                         "merged teachers", "again"}
     base_row = res["base (t2i teacher)"]["t2i"]  # the same model and seeds give the same row, whatever its label
+    gap = res["again"]["t2i"].pop("vs_teacher")  # the T2I teacher again, paired with itself: no gap at all
+    assert gap == {"success": [0.0, 0.0], "psnr_truth": [0.0, 0.0]}
     assert res["again"]["t2i"] == base_row and set(res["danceopd"]) == set(TASKS + ["average"])
     assert "| danceopd |" in open("results/danceopd/danceopd.md").read()
     rows = [json.loads(line) for line in open(f"{tmp_path}/a/log.jsonl")]
@@ -332,6 +334,40 @@ def test_the_base_checkpoint_sets_the_model_config(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="is not a --preset=small model"):
         run(args[1:] + ["--preset=small", f"--out={tmp_path}/b"])
     assert not os.path.exists("out/small")
+
+
+def test_a_world_with_one_edit_token_and_pipeline_edits(tmp_path, monkeypatch):
+    """World options: edit teachers trained with one edit token make a student that reads edits with one token;
+    teachers that disagree are refused; --edit_data gives the off-policy baseline the teachers' (degraded)
+    targets; the table gives each model's paired gap to the task's teacher."""
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--preset=tiny", "--steps=2", "--batch_size=4", "--eval_n=0", "--quiet"]
+    base = train.train(common.parse_config(train.Config(), tiny + [f"--out={tmp_path}/base"]))
+    experts = {}
+    for task, one in (("local_edit", "true"), ("global_edit", "true"), ("other", "false")):
+        experts[task] = train.train(common.parse_config(train.Config(), tiny + [
+            f"--task={'global_edit' if task == 'other' else task}", f"--init_from={base}", f"--one_edit_token={one}",
+            "--edit_data=pipeline", f"--out={tmp_path}/{task}"]))
+    args = ["--preset=tiny", f"--base={base}", "--batch_size=4", "--lora_rank=4", "--quiet", "--steps=2",
+            "--eval_n=4", "--name=world"]
+    mine = f"--experts=local_edit={experts['local_edit']},global_edit={experts['global_edit']}"
+    with pytest.raises(SystemExit, match="was trained on --edit_data=pipeline: pass --edit_data=pipeline"):
+        run(args + [mine, f"--out={tmp_path}/a"])
+    args.append("--edit_data=pipeline")
+    student = run(args + [mine, f"--out={tmp_path}/a"])
+    assert common.load_checkpoint(student)["model_config"]["one_edit_token"]
+    res = json.load(open("results/danceopd/world.json"))["results"]
+    gap = res["world"]["local_edit"]["vs_teacher"]
+    assert set(gap) == {"success", "psnr_truth"} and "vs_teacher" not in res["local_edit teacher"]["local_edit"]
+    assert "per_example" not in res["world"]["t2i"]
+    with pytest.raises(SystemExit, match="disagree on one_edit_token"):
+        run(args + [f"--experts=local_edit={experts['local_edit']},global_edit={experts['other']}",
+                    f"--out={tmp_path}/b"])
+    cfg = config(edit_data="pipeline", batch_size=8)
+    for step in range(4):  # off-policy states noise the step's targets: the pipeline ones for edits
+        b = opd.get_batch(cfg, TASKS, step, 32, "cpu")
+        made = data.make_batch(b.task, 8, 32, seed=step, edit_data="pipeline" if b.task != "t2i" else "clean")
+        assert torch.equal(b.target, made.target)
 
 
 def test_the_preset_defaults_fill_only_what_is_left_open():

@@ -95,3 +95,16 @@ def test_the_mean_over_batches_weighs_each_example_once():
     last = data.make_batch("t2i", 1, 32, seed=4, split="test")  # evaluate_task's third batch: seed 0 * 1000 + 4
     r = evaluate.evaluate_task(LastBatchOnly(last), "t2i", 5, 32, "cpu", steps=2, batch_size=2)
     assert r["success"] == pytest.approx(0.2)
+
+
+def test_per_example_scores_pair_up_across_models():
+    """per_example lists follow the examples in order, so two models' lists pair up: the model right only on the
+    last of 5 examples is 1 success and 100 dB (the exact render) there; its paired gap to itself is exactly 0."""
+    last = data.make_batch("t2i", 1, 32, seed=4, split="test")
+    each = evaluate.evaluate_task(LastBatchOnly(last), "t2i", 5, 32, "cpu", steps=2, batch_size=2,
+                                  per_example=True)["per_example"]
+    assert each["success"] == [0, 0, 0, 0, 1] and each["psnr_truth"][-1] == pytest.approx(100, abs=0.5)
+    assert max(each["psnr_truth"][:4]) < 20
+    assert evaluate.paired_difference(each["psnr_truth"], each["psnr_truth"]) == (0.0, 0.0)
+    mean, se = evaluate.paired_difference([1, 1, 0, 1], [0, 1, 0, 0])  # gaps 1, 0, 0, 1
+    assert mean == pytest.approx(0.5) and se == pytest.approx((1 / 3) ** 0.5 / 2)

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch._dynamo
 
+import data
+
 from model import DiT, LoRALinear, add_lora, compile_blocks, count_params, lora_parameters, merge_lora, preset
 
 B, RES = 2, 32
@@ -63,6 +65,21 @@ def test_ref_tokens_and_text_change_the_output(model):
     assert not torch.allclose(v, m(a["x"], a["t"], a["task"], a["tokens"], ref=a["ref"]))
     assert not torch.allclose(v, m(a["x"], a["t"], a["task"], torch.zeros_like(a["tokens"])))
     assert not torch.allclose(v, m(a["x"], a["t"], (a["task"] + 1) % 6, a["tokens"]))
+
+
+def test_one_edit_token_reads_local_and_global_edits_with_one_embedding():
+    """World option one_edit_token: local and global edits get the same task token, so only the words can tell
+    their scope; every other task keeps its own."""
+    a = inputs()
+    one = perturbed(DiT(preset("tiny", one_edit_token=True)))
+    per_task = DiT(preset("tiny"))
+    per_task.load_state_dict(one.state_dict())  # the same weights, read with a token per task
+    local, glob = (torch.full((B,), data.TASKS.index(k)) for k in ("local_edit", "global_edit"))
+    for m, same in ((one, True), (per_task, False)):
+        v_local, v_global = (m(a["x"], a["t"], task, a["tokens"], cond=a["cond"]) for task in (local, glob))
+        assert torch.equal(v_local, v_global) == same
+    t2i = torch.zeros(B, dtype=torch.long)
+    assert not torch.equal(one(a["x"], a["t"], t2i, a["tokens"]), one(a["x"], a["t"], local, a["tokens"]))
 
 
 def test_pooled_text_conditions_adaln_and_the_empty_caption_adds_nothing():
