@@ -41,7 +41,8 @@ def test_train_sample_evaluate_end_to_end(ckpt, tmp_path, monkeypatch):
     assert set(res["tiny"]) == {"t2i", "t2i 1 object", "t2i 2 objects", "t2i held-out pairs"}  # not trained: edits
     assert res["tiny"]["t2i 2 objects"] == evaluate.evaluate_task(model, "t2i", 4, 32, "cpu", n_objects=2, steps=2)
     table = (tmp_path / "results" / "e2e.md").read_text()
-    row = "| tiny | " + " | ".join(f"{res['tiny'][c]['success']:.3f}" for c in res["tiny"]) + " |"
+    row = "| tiny | " + " | ".join(f"{res['tiny'][c]['success']:.3f} (PSNR truth {res['tiny'][c]['psnr_truth']:.1f})"
+                                   for c in res["tiny"]) + " |"
     assert row in table and json.load(open(tmp_path / "results" / "e2e.json"))["results"] == res
 
 
