@@ -104,6 +104,13 @@ def check_value(name, value, rules):
     return check_writable(value, kind, rules.get("suffix"))
 
 
+def command_flags(cfg, default, skip=()):
+    """The flags that reproduce a method script's run: its --preset (auto resolves differently per device), then every
+    --key=value in which cfg differs from `default`, the script's resolved defaults for that preset and device."""
+    return " ".join([f"--preset={cfg.preset}"] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
+                                                  if k not in ("preset", *skip) and getattr(default, k) != v])
+
+
 def pairs(value):
     """KEY=PATH,KEY=PATH -> [(KEY, PATH), ...] (a bare PATH gets the key "")."""
     return [tuple(item.rpartition("=")[::2]) for item in value.split(",") if item]

@@ -18,7 +18,7 @@ import world
 class Control:
     """A control as data. questions: what the judge is asked ({color}, {shape}: the prompt's object); prompts: the
     captions it applies to, {attribute: allowed values} of the prompt's scene; oracle: {attribute: values the
-    parsed image must show}; visual: a visual prompt drawn over the image before the judge sees it (data.overlay);
+    parsed image must show}; visual: a visual prompt drawn over the image before the judge sees it (questions.overlay);
     frees: attributes the control may change besides the oracle's (left out of "caption kept")."""
     questions: tuple
     prompts: dict

@@ -11,7 +11,7 @@ LoRA per control; the judge, a VLM, is frozen too, but its gradient flows back t
   1. B prompts the control applies to (CONTROLS[...].prompts), B noises from a fixed pool of 100;
   2. a random step i of the N-step Euler sampler: the first i steps with no gradient, to x_t;
   3. one model call with gradient: x0_hat = x_t - t v (the one-step clean estimate);
-  4. the control's visual prompt, if any, drawn over x0_hat (data.overlay, differentiable);
+  4. the control's visual prompt, if any, drawn over x0_hat (questions.overlay, differentiable);
   5. loss = the mean over the control's questions of -log p("Yes" | x0_hat, question + " Answer with Yes or No.")
      (vlm.Judge: its own differentiable resize and normalisation); backward into the LoRA only; clip 1, AdamW.
 A control is data (controls.py): its questions, the prompts it applies to, an optional visual prompt and the exact
@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data
+import questions
 import scorer
 import world
-from common import (check_config, load_checkpoint, model_inputs, option, parse_config, peek, save_checkpoint, setup,
-                    step_generator, wants_cuda)
+from common import (check_config, command_flags, load_checkpoint, model_inputs, option, parse_config, peek,
+                    save_checkpoint, setup, step_generator, wants_cuda)
 from controls import (CONTROLS, TRAIN_PROMPTS, caption_kept, control_prompts, custom_control, keep_questions,
                       oracle_check, questions_for)
 from evaluate import plain_name_problem, write_results
@@ -131,7 +131,7 @@ def resume_problem(cfg, ckpt, saved):
 def judge_log_p(judge, images, questions, visual=None):
     """Mean over each image's questions of log p(answer | image with the visual prompt, question): (B,). A question
     is a string (the answer "Yes") or a (question, answer) pair, answer True for "Yes", False for "No"."""
-    images = data.overlay(images, visual)
+    images = questions.overlay(images, visual)
     k = len(questions[0])
     flat = [q if isinstance(q, tuple) else (q, True) for qs in questions for q in qs]  # B k, image-major
     log_p = judge.log_probs(images.repeat_interleave(k, 0), [q for q, _ in flat])     # (B k, vocab)
@@ -385,9 +385,7 @@ def most_broken(broken):
 
 
 def command_args(cfg):
-    default = resolve(Config(device=cfg.device, preset=cfg.preset))
-    return " ".join([f"--preset={cfg.preset}"] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
-                                                  if k != "preset" and getattr(default, k) != v])
+    return command_flags(cfg, resolve(Config(device=cfg.device, preset=cfg.preset)))
 
 
 if __name__ == "__main__":

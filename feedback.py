@@ -42,7 +42,7 @@ from tqdm import tqdm
 import data
 import scorer
 import world
-from common import (check_config, ema_update, load_checkpoint, model_inputs, option, parse_config, peek,
+from common import (check_config, command_flags, ema_update, load_checkpoint, model_inputs, option, parse_config, peek,
                     resume_problem, save_checkpoint, setup, step_generator, wants_cuda)
 from evaluate import plain_name_problem, write_results
 from judges import prerequisite as judge_prerequisite
@@ -419,9 +419,7 @@ def save_png(path, batches, images, cfg, n=4):
 
 
 def command_args(cfg):
-    default = resolve(Config(device=cfg.device, preset=cfg.preset))
-    return " ".join([f"--preset={cfg.preset}"] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
-                                                  if k != "preset" and getattr(default, k) != v])
+    return command_flags(cfg, resolve(Config(device=cfg.device, preset=cfg.preset)))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 
 VLM (Dual-Process, Self-Distillation): the tiny LLaVA of vlm.py (or any local transformers VLM, `load_judge`).
 Training: the vision tower on each cell's attributes (`TowerHeads`, in place of LLaVA's pretrained CLIP), captions,
-then the world's yes/no questions (data.vqa_batch, every family, balanced) plus a "statement" loss (`vqa_loss`),
+then the world's yes/no questions (questions.vqa_batch, every family, balanced) plus a "statement" loss (`vqa_loss`),
 without which yes/no sits at chance.
 Rewards (ByteEdit): rewards.py defines them; this file trains and caches them with the VLM (`get_judge`).
 Images everywhere: (B, 3, H, W) in [-1, 1], the generator's range; every judge is differentiable in the pixels.
@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data
+import questions
 import world
 import scorer
 from common import check_config, load_model, model_inputs, option, parse_config, peek, save_checkpoint, setup
@@ -42,8 +43,8 @@ class Config:
     retrain: bool = False          # train even when a cached judge exists
     res: int = option(32, low=8)   # image side of the training data and of the rewards' input (the VLM's: its
                                    # preset's size); other sizes are resized differentiably
-    families: str = option("all", each=("all",) + data.FAMILIES)  # question families to train and evaluate
-                                   # (data.FAMILIES), comma-separated
+    families: str = option("all", each=("all",) + questions.FAMILIES)  # question families to train and evaluate
+                                   # (questions.FAMILIES), comma-separated
     vlm_tower_steps: int = option(600, low=0)  # phase 0: the vision tower learns each cell's attributes (TowerHeads)
     vlm_tower_lr: float = option(1e-3, above=0)  # phase 0's peak learning rate
     vlm_tower_frozen: bool = False # phases 1-2 leave the tower as phase 0 made it (LLaVA freezes its CLIP tower)
@@ -200,11 +201,11 @@ def vqa_step_loss(judge, n, res, seed, families, statement_weight, device="cpu",
     the blue square ?") sat at chance on some seeds with 8 per step beside the 48 (0.445 on seed 0), and 400 more
     steps of the same mix left it there (0.46); with 24 per step it went 0.425 -> 0.925 in 300 steps."""
     share, counts = max(2, n // len(families)), counts or {}
-    batches = [data.vqa_batch(f, counts.get(f, share), res, device, seed) for f in families]
+    batches = [questions.vqa_batch(f, counts.get(f, share), res, device, seed) for f in families]
     one, two = [v for v in batches if v.images2 is None], [v for v in batches if v.images2 is not None]
     parts = [(vqa_loss(judge, v, statement_weight), len(v.questions)) for v in two]
     if one:
-        cat = data.VQA("mixed", torch.cat([v.images for v in one]), sum([v.questions for v in one], []),
+        cat = questions.VQA("mixed", torch.cat([v.images for v in one]), sum([v.questions for v in one], []),
                        torch.cat([v.answers for v in one]))
         parts.append((vqa_loss(judge, cat, statement_weight), len(cat.questions)))
     return sum(loss * k for loss, k in parts) / sum(k for _, k in parts)
@@ -215,8 +216,8 @@ def family_batch(cfg):
     counts = {}
     for item in filter(None, cfg.vlm_family_batch.split(",")):
         family, _, k = item.partition(":")
-        if family not in data.FAMILIES or not k.isdigit() or int(k) < 2:
-            raise ValueError(f"bad --vlm_family_batch item {item!r}: family:count, families from {data.FAMILIES}, "
+        if family not in questions.FAMILIES or not k.isdigit() or int(k) < 2:
+            raise ValueError(f"bad --vlm_family_batch item {item!r}: family:count, families from {questions.FAMILIES}, "
                              "count >= 2")
         counts[family] = int(k)
     return counts
@@ -228,13 +229,13 @@ def lr_at(cfg, step, steps, lr):
 
 
 @torch.no_grad()
-def vqa_accuracy(judge, n, res, seed=10_000, split="test", families=data.FAMILIES, batch=100):
+def vqa_accuracy(judge, n, res, seed=10_000, split="test", families=questions.FAMILIES, batch=100):
     """Accuracy per family on n held-out questions, half of them yes (so it is also the balanced accuracy)."""
     out = {}
     for f in families:
         right = 0
         for i in range(0, n, batch):
-            v = data.vqa_batch(f, min(batch, n - i), res, judge.model.device, seed + i, split)
+            v = questions.vqa_batch(f, min(batch, n - i), res, judge.model.device, seed + i, split)
             right += int((judge.answer(v.images, v.questions, v.images2) == v.answers).sum())
         out[f] = right / n
     return out
@@ -278,11 +279,11 @@ def agreement(judge, ckpt, n=200, steps=16, seed=0):
 
 
 @torch.no_grad()
-def save_examples(judge, path, res, families=data.FAMILIES, per_family=2):
+def save_examples(judge, path, res, families=questions.FAMILIES, per_family=2):
     """A PNG: held-out images of every family (x4), the question, the judge's p(yes) and the true answer."""
     rows = []
     for f in families:
-        v = data.vqa_batch(f, per_family, res, judge.model.device, seed=123, split="test")
+        v = questions.vqa_batch(f, per_family, res, judge.model.device, seed=123, split="test")
         p = judge.log_probs(v.images, v.questions, v.images2)[:, [judge.yes_id, judge.no_id]].softmax(1)[:, 0]
         for i in range(per_family):
             row = Image.new("RGB", (680, 128), "white")
@@ -310,7 +311,7 @@ def step_loss(cfg, phase, net, seed, device, heads=None):
     if phase == "caption":
         return caption_loss(net, *caption_batch(cfg.vlm_batch, cfg.res, seed, device=device)[:2])
     if phase == "vqa":
-        families = data.FAMILIES if cfg.families == "all" else cfg.families.split(",")
+        families = questions.FAMILIES if cfg.families == "all" else cfg.families.split(",")
         loss = vqa_step_loss(net, cfg.vlm_batch, cfg.res, seed, families, cfg.statement_weight, device,
                              family_batch(cfg))
         if cfg.vlm_rehearsal:  # without it, yes/no erases what captioning taught (held-out shape words: 0.70 -> 0.09)
@@ -417,7 +418,7 @@ def prerequisite(kind, preset="small", path="", device="auto", quiet=False):
 def main(cfg):
     check_config(cfg)
     env, what, out = setup(cfg), cfg.what.split(","), dict(preset=cfg.preset)
-    families = data.FAMILIES if cfg.families == "all" else tuple(cfg.families.split(","))
+    families = questions.FAMILIES if cfg.families == "all" else tuple(cfg.families.split(","))
     judges = {kind: get_judge(cfg, kind, env) for kind in what}  # trained or loaded before anything is written
     os.makedirs(cfg.results, exist_ok=True)
     if "vlm" in what:

@@ -38,8 +38,8 @@ from tqdm import tqdm
 import data
 import scorer
 import world
-from common import (check_config, ema_update, load_checkpoint, option, parse_config, resume_problem, save_checkpoint,
-                    setup, step_generator, wants_cuda)
+from common import (check_config, command_flags, ema_update, load_checkpoint, option, parse_config, resume_problem,
+                    save_checkpoint, setup, step_generator, wants_cuda)
 from evaluate import plain_name_problem, write_results
 from grids import (consistent, curated, draw_grids, grid_prompts, p_same, panels, precision_recall, read_cache,
                    target_tokens)
@@ -450,9 +450,7 @@ def save_png(path, batch, outputs, n=8):
 
 
 def command_args(cfg):
-    default = resolve(Config(device=cfg.device, preset=cfg.preset))
-    return " ".join([f"--preset={cfg.preset}"] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
-                                                  if k not in ("preset", "base") and getattr(default, k) != v])
+    return command_flags(cfg, resolve(Config(device=cfg.device, preset=cfg.preset)), skip=("base",))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPImageP
                           CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                           PreTrainedTokenizerFast)
 
-import data
+import questions
 import world
 from world import check_images
 
@@ -40,7 +40,7 @@ def build_vlm(preset="small"):
     """A fresh LlavaForConditionalGeneration and its LlavaProcessor, from configs alone (nothing is downloaded)."""
     p = VLM_PRESETS[preset]
     res = p["size"]
-    words = list(dict.fromkeys(world.VOCAB + data.QUESTION_WORDS + ("yes", "answer", "or", "."))) + list(SPECIALS)
+    words = list(dict.fromkeys(world.VOCAB + questions.QUESTION_WORDS + ("yes", "answer", "or", "."))) + list(SPECIALS)
     # (<pad> is VOCAB[0])
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()  # "Answer with Yes or No." -> answer with yes or no .
@@ -104,7 +104,7 @@ class Judge:
                 bad = [w for w in re.findall(r"\w+|[^\w\s]", question or "")
                        if self.tok.encode(w, add_special_tokens=False) == [unk]] + ["?"]
                 raise ValueError(f"unknown word {bad[0]!r} in question {question!r} "
-                                 "(this judge knows world.VOCAB, data.QUESTION_WORDS and 'yes answer or .')")
+                                 "(this judge knows world.VOCAB, questions.QUESTION_WORDS and 'yes answer or .')")
             self._ids[question, n_images] = ids
         return self._ids[question, n_images]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import questions
 import world
 import scorer
 
@@ -138,11 +139,11 @@ def test_every_text_fits_the_vocabulary():
         for grids in ((False, True) if task == "t2i" else (False,)):
             b = data.make_batch(task, 200, 32, seed=17, grids=grids)
             assert b.tokens.shape == (200, world.MAX_TOKENS) and (b.tokens[:, 0] > 0).all()
-    judge_words = set(world.VOCAB) | set(data.QUESTION_WORDS)  # what the VLM's tokenizer is built from
-    for family in data.FAMILIES:
-        words = {w for q in data.vqa_batch(family, 40, 32).questions for w in q.split()}
+    judge_words = set(world.VOCAB) | set(questions.QUESTION_WORDS)  # what the VLM's tokenizer is built from
+    for family in questions.FAMILIES:
+        words = {w for q in questions.vqa_batch(family, 40, 32).questions for w in q.split()}
         assert words <= judge_words, (family, words - judge_words)
-    assert not set(data.QUESTION_WORDS) & set(world.VOCAB)  # the judge's own words, in no caption
+    assert not set(questions.QUESTION_WORDS) & set(world.VOCAB)  # the judge's own words, in no caption
 
 
 def test_unknown_word_is_a_clear_error():
@@ -188,14 +189,14 @@ def test_edit_kind_reads_back_what_the_edit_did():
 
 
 def test_vqa_is_balanced_and_answers_are_true():
-    for family in data.FAMILIES:
-        v = data.vqa_batch(family, 40, 32, seed=19)
+    for family in questions.FAMILIES:
+        v = questions.vqa_batch(family, 40, 32, seed=19)
         assert v.answers.sum() == 20
-    v = data.vqa_batch("count", 40, 32, seed=19)  # check the answers against the scorer's own reading
+    v = questions.vqa_batch("count", 40, 32, seed=19)  # check the answers against the scorer's own reading
     for x, q, a in zip(v.images, v.questions, v.answers):
         n = ("one", "two", "three").index(q.split()[2]) + 1
         assert (len(scorer.parse(x).objects) == n) == bool(a)
-    v = data.vqa_batch("same", 20, 32, seed=19)
+    v = questions.vqa_batch("same", 20, 32, seed=19)
     for x, y, a in zip(v.images, v.images2, v.answers):
         subject = lambda img: scorer.parse(img, subjects=True).objects[0].subject()
         same = subject(x) == subject(y)

@@ -11,7 +11,7 @@ import torch
 
 import common
 import controls
-import data
+import questions
 import dual_process as dp
 import scorer
 import vlm
@@ -138,7 +138,7 @@ def test_the_sampler_prefix_carries_no_gradient(judge):
 def test_visual_prompts_are_drawn_and_differentiable(prompt):
     x = torch.rand(2, 3, 32, 32, requires_grad=True) * 2 - 1
     x.retain_grad()
-    out = data.overlay(x, prompt)
+    out = questions.overlay(x, prompt)
     out.sum().backward()
     under = x.grad[:, 0] == 0                                   # the pixels the prompt covers take no gradient
     assert 0 < under.float().mean() < 0.15 and (x.grad[:, :, ~under[0]] == 1).all()

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import common
 import data
+import questions
 import world
 import judges
 import model
@@ -74,7 +75,7 @@ def test_judges_are_differentiable_in_the_pixels(vlm, tmp_path):
         for loss in judge_losses(js, x):
             g, = torch.autograd.grad(loss, x)
             assert torch.isfinite(g).all() and g.abs().sum() > 0
-    v = data.vqa_batch("same", 2, 32, seed=3)  # two-image questions: gradient reaches both images
+    v = questions.vqa_batch("same", 2, 32, seed=3)  # two-image questions: gradient reaches both images
     x1, x2 = v.images.requires_grad_(True), v.images2.requires_grad_(True)
     g1, g2 = torch.autograd.grad(js[0].log_p_yes(x1, v.questions, images2=x2).sum(), (x1, x2))
     assert g1.abs().sum() > 0 and g2.abs().sum() > 0
@@ -85,7 +86,8 @@ def test_every_yes_no_question_weighs_the_same_whatever_its_family_batch(vlm):
     with torch.no_grad():  # statement term off: the step loss is then the mean answer NLL over all 6 + 6 + 10 questions
         loss = judges.vqa_step_loss(judge, 18, 32, 7, ("color", "shape", "same"), 0.0, counts=dict(same=10))
         parts = [(judge.loss(v.images, v.questions, v.answers, v.images2), len(v.questions))
-                 for v in (data.vqa_batch(f, k, 32, seed=7) for f, k in (("color", 6), ("shape", 6), ("same", 10)))]
+                 for v in (questions.vqa_batch(f, k, 32, seed=7)
+                           for f, k in (("color", 6), ("shape", 6), ("same", 10)))]
     assert torch.allclose(loss, sum(l * k for l, k in parts) / 22, atol=1e-5)
 
 
@@ -95,7 +97,7 @@ def test_save_then_auto_class_reload_gives_the_same_log_probs(vlm, tmp_path):
     processor.save_pretrained(tmp_path / "vlm")
     a, b = judges.Judge(model_, processor), judges.load_judge(str(tmp_path / "vlm"))
     assert type(b.model).__name__ == "LlavaForConditionalGeneration"
-    v = data.vqa_batch("color", 6, 32, seed=4)
+    v = questions.vqa_batch("color", 6, 32, seed=4)
     lp = a.log_p_yes(v.images, v.questions)
     assert torch.allclose(lp, b.log_p_yes(v.images, v.questions), atol=1e-5)
     # the differentiable pixel path agrees with the processor's own PIL path (which rounds to bytes)
@@ -103,7 +105,7 @@ def test_save_then_auto_class_reload_gives_the_same_log_probs(vlm, tmp_path):
     enc = b.processor(text=text, images=[world.to_pil(x) for x in v.images], return_tensors="pt")
     ref = b.model(**enc).logits[:, -1].log_softmax(-1)[:, a.yes_id]
     assert torch.allclose(lp, ref, atol=1e-3)
-    v2 = data.vqa_batch("same", 4, 32, seed=5)
+    v2 = questions.vqa_batch("same", 4, 32, seed=5)
     assert torch.allclose(a.log_p_yes(v2.images, v2.questions, v2.images2),
                           b.log_p_yes(v2.images, v2.questions, v2.images2), atol=1e-5)
 
@@ -119,7 +121,7 @@ def binding_batch(n, seed):
             scenes.append(s)
             questions.append(f"are all the shapes {kind} colors ?")
             answers.append(s.objects[0].color in (world.WARM if kind == "warm" else world.COOL))
-    return data.VQA("palette", world.render(scenes, 32), questions, torch.tensor(answers))
+    return questions.VQA("palette", world.render(scenes, 32), questions, torch.tensor(answers))
 
 
 def trained_accuracy(statement_weight, steps=250, seed=0):
@@ -184,7 +186,7 @@ def test_phase_0_teaches_the_tower_the_cells_and_leaves_the_language_side_alone(
 
 def test_bad_inputs_are_clear_errors(vlm, tmp_path):
     judge = judges.Judge(*vlm)
-    v = data.vqa_batch("color", 2, 32, seed=6)
+    v = questions.vqa_batch("color", 2, 32, seed=6)
     for images, match in ((v.images * 127.5 + 127.5, r"\[-1, 1\]"), (v.images[0], r"\(B, 3, H, W\)"),
                           (v.images[:, :, :, :16], "square"), (v.images[:, :1], r"\(B, 3, H, W\)")):
         with pytest.raises(ValueError, match=match):
@@ -335,7 +337,7 @@ def test_cli_trains_caches_and_reports(tmp_path):
             "--align_steps=3", "--align_tower_steps=3", "--eval_n=8",
             "--vlm_batch=18", "--reward_batch=8", "--quiet", f"--out={tmp_path / 'j'}", f"--results={tmp_path}"]
     out = judges.main(judges.parse_config(judges.Config(), args))
-    assert set(out["vlm"]) == set(data.FAMILIES)  # each figure is the cached judge's, measured again from its file
+    assert set(out["vlm"]) == set(questions.FAMILIES)  # each figure is the cached judge's, measured again from its file
     reward = rewards.load_reward(str(tmp_path / "j" / "alignment.pt"))
     assert out["alignment_retrieval_8"] == rewards.retrieval_accuracy(reward, 8, 32)
     assert os.path.isfile(tmp_path / "judges.png") and json.load(open(tmp_path / "judges.json"))["preset"] == "tiny"

@@ -2,13 +2,13 @@
 own layer or above, and only at the top of the file (an import inside a function is how a cycle hides).
 
 The order, bottom to top:
-    world -> data -> scorer -> model -> vlm, rewards, controls -> common -> sample -> evaluate, grids -> train, judges
-    -> the method scripts -> bench
-world/data/scorer are the world and its exact measurement; model the DiT; vlm and rewards the frozen raters'
-networks, controls Dual-Process's controls as data; common the shared plumbing; sample the flow ODE and its CLI;
-evaluate the scorer's tables, grids Self-Distillation's paired data; train and judges build the shared models (base,
-experts, judges); the method scripts each run one method and never import each other; bench times train's and the
-methods' steps.
+    world -> data -> questions -> scorer -> model -> vlm, rewards, controls -> common -> sample -> evaluate, grids ->
+    train, judges -> the method scripts -> bench
+world/data/questions/scorer are the world, its tasks, its yes/no questions and its exact measurement; model the
+DiT; vlm and rewards the frozen raters' networks, controls Dual-Process's controls as data; common the shared
+plumbing; sample the flow ODE and its CLI; evaluate the scorer's tables, grids Self-Distillation's paired data;
+train and judges build the shared models (base, experts, judges); the method scripts each run one method and never
+import each other; bench times train's and the methods' steps.
 """
 import ast
 import os
@@ -16,7 +16,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = [("world",), ("data",), ("scorer",), ("model",), ("vlm", "rewards", "controls"), ("common",),
+LAYERS = [("world",), ("data",), ("questions",), ("scorer",), ("model",), ("vlm", "rewards", "controls"), ("common",),
           ("sample",), ("evaluate", "grids"), ("train", "judges"),
           ("distill_onpolicy", "dual_process", "self_distill", "feedback"), ("bench",)]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
