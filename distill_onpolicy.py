@@ -1,9 +1,10 @@
 """DanceOPD: on-policy distillation of several frozen expert velocity fields into one student.
 
-    python distill_onpolicy.py                                         # teachers (built if missing) -> student
+    python distill_onpolicy.py                                      # teachers, joint SFT (built if missing) -> student
+    python distill_onpolicy.py --edit_data=clean --one_edit_token=false --out=out/opd_clean --name=clean  # no conflict
     python distill_onpolicy.py --tasks=local_edit,global_edit --out=out/danceopd_edits --name=danceopd_edits
     python distill_onpolicy.py --mode=offpolicy --out=out/opd_off --name=offpolicy    # ablations: one flag each
-    python distill_onpolicy.py --preset=small --compare=joint=out/small/joint/ckpt.pt  # extra rows in the table
+    python distill_onpolicy.py --compare=mine=out/mine/ckpt.pt,other=out/other/ckpt.pt    # extra rows in the table
 
 Zhou et al. 2026, "DanceOPD: On-Policy Generative Field Distillation" (METHODS.md section 1). Each capability
 has a frozen teacher velocity field: the T2I teacher is the base model itself, an edit teacher is the base
@@ -20,8 +21,10 @@ proportional to |dt (v_student - v_teacher)|^2: MSE on the student's own states 
 Ablations and baselines, each a flag: --mode=offpolicy (states from forward-noised data) | dense (all 16 states
 weighted by dt^2/2, DiffusionOPD), --routing=soft (average of all teachers), --query=median|high|low|uniform|
 curriculum, --query_k=4, --cfg_alpha (CFG absorption), --rollin (teacher roll-in, DAgger); weight merging of the
-experts (a row of the table); joint SFT: `python train.py --task=joint`, a row through --compare=joint=PATH.
-The base and the experts are the shared models of train.py (train.prerequisite: cached under out/<preset>/, built
+experts and joint SFT at matched compute (rows of the table); --compare=LABEL=PATH adds any checkpoint as a row.
+The world is by default the one where the paper's premise holds, joint SFT losing to its experts (docs/danceopd.md):
+edit data made by a pipeline (blurred, noisy, shifted targets) and one token for local and global edits. The base,
+the experts and joint SFT are the shared models of train.py (train.prerequisite: cached under out/<preset>/, built
 from train.RECIPES when missing). No EMA (METHODS.md names none): the checkpoint's "ema" holds the merged student.
 Findings, ablations and probes: docs/danceopd.md.
 """
@@ -37,12 +40,12 @@ from tqdm import tqdm
 
 import data
 import world
-from common import (check_config, load_checkpoint, load_model, load_teacher, model_inputs, option, pairs,
-                    parse_config, peek, save_checkpoint, setup, step_generator, wants_cuda)
+from common import (check_config, command_flags, load_checkpoint, load_model, load_teacher, model_inputs, option,
+                    pairs, parse_config, peek, save_checkpoint, setup, step_generator, wants_cuda)
 from evaluate import evaluate_task, paired_difference, plain_name_problem, write_results
 from model import DiT, PRESETS, add_lora, merged_copy
-from sample import guided_velocity, interpolate, rollout, timesteps
-from train import preset_model_config, prerequisite, scene_objects
+from sample import euler, guided_velocity, interpolate, rollout, timesteps
+from train import changed_world, preset_model_config, prerequisite, scene_objects
 
 
 @dataclass
@@ -72,8 +75,12 @@ class Config:
                                    # (QUERY below): beta = Beta(5, 2) | median | high | low | uniform | curriculum
     mode: str = option("onpolicy", choices=("onpolicy", "offpolicy", "dense"))  # onpolicy | offpolicy (forward-
                                    # noised data) | dense (all states, dt^2/2)
-    edit_data: str = option("clean", choices=tuple(data.EDIT_DATA))  # world option: the edit targets --mode=offpolicy
-                                   # noises (set it as the teachers were trained: train.py --edit_data)
+    edit_data: str = option("pipeline", choices=tuple(data.EDIT_DATA))  # world option (docs/danceopd.md): the edit
+                                   # experts' and joint SFT's targets, and those --mode=offpolicy noises (clean |
+                                   # pipeline: blurred, noisy, shifted as generated edit datasets are)
+    one_edit_token: bool = True    # world option: local and global edits share one task token, scope is read from the
+                                   # words (false: a token per task; with --edit_data=clean: the world of no conflict)
+    joint_sft: bool = True         # a row of the table: joint SFT at matched compute (train.RECIPES, built if missing)
     routing: str = option("hard", choices=("hard", "soft"))  # hard (the routed teacher) | soft (mean of all teachers)
     rollin: float = option(0.0, low=0, high=1)  # DAgger roll-in: P(a rollout step is the teacher's), falling
                                    # linearly to 0 (0 = off)
@@ -101,9 +108,11 @@ class Config:
                 f"--experts={task}=...: {task} is not an edit task of --tasks={cfg.tasks} (the T2I teacher is --base)"
             yield "" if task in peek(path).get("tasks", []) else f"{path} was trained for " \
                 f"{', '.join(peek(path).get('tasks', []))}, so it cannot teach {task}"
-            made = peek(path).get("config", {}).get("edit_data", "clean")
-            yield "" if made == cfg.edit_data else f"{path} was trained on --edit_data={made}: pass --edit_data=" \
-                f"{made} so that off-policy states and the table describe its world"
+            made = peek(path).get("config", {})
+            made = (made.get("edit_data") or "clean", bool(made.get("one_edit_token")))
+            yield "" if made == (cfg.edit_data, cfg.one_edit_token) else f"{path} was trained with --edit_data=" \
+                f"{made[0]} --one_edit_token={str(made[1]).lower()}: pass these, so that the student reads edits as " \
+                "its teachers do and off-policy states and the table describe their world"
         for path in [p for p in (cfg.base, cfg.init) if p] + [p for _, p in pairs(cfg.experts)]:
             preset_model_config(path, cfg.preset)  # a one-line error for a checkpoint of another preset
         for _, path in pairs(cfg.compare):
@@ -118,6 +127,7 @@ class Config:
                    f"forward)") if made.get("step", 0) > cfg.steps else ""
             yield (f"--resume: {ckpt} is at step {made.get('step')}, so --stop_at={cfg.stop_at} would go back (a "
                    f"resume only goes forward)") if 0 < cfg.stop_at <= made.get("step", 0) else ""
+            yield changed_world(ckpt, cfg)
             rank = made.get("config", {}).get("lora_rank") if "student" in made else "no student"
             yield "" if rank == cfg.lora_rank else \
                 f"{ckpt} is not a run of this script with --lora_rank={cfg.lora_rank} (it has {rank})"
@@ -249,7 +259,7 @@ def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
         merged = DiT(student.config).to(device).eval()  # reads task ids as the student does (one_edit_token)
         merged.load_state_dict(merge_weights([m.state_dict() for m in teachers.values()]))
         models["merged teachers"] = (merged, 1.0)
-    for label, path in pairs(cfg.compare):
+    for label, path in [(k, v) for k, v in paths.items() if k == "joint SFT"] + pairs(cfg.compare):
         models[label] = (load_model(path, device)[0], 1.0)
     res, results = student.config.image_size, {}
     for label, (model, scale) in tqdm(models.items(), desc="evaluate", disable=cfg.quiet):
@@ -269,8 +279,34 @@ def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
     lines += [f"| {label} | " + " | ".join(f"{r[c]['success']:.3f} / {r[c]['attributes']:.3f}" for c in columns) + " |"
               for label, r in results.items()]
     lines += teacher_gaps(results, tasks, teachers)
+    own = {t: "base (t2i teacher)" if t == "t2i" else f"{t} teacher" for t in tasks}
+    rows = ["teacher", cfg.name] + ["joint SFT"] * ("joint SFT" in models)
+    texts = save_png(f"results/danceopd/{cfg.name}.png", {t: [models[own[t]]] + [models[k] for k in rows[1:]]
+                                                          for t in tasks}, n_objects, res, device, cfg.rollout_steps)
+    lines += ["", f"`{cfg.name}.png`: the first 4 test examples of each task ({', '.join(tasks)}, left to right), "
+              f"the evaluation's noise; rows: the source image (edits), {', '.join(rows)}, the truth. Their words: "
+              + "; ".join(f"{t}: " + " / ".join(texts[t]) for t in tasks) + "."]
     write_results(f"danceopd/{cfg.name}", lines, dict(config=dataclasses.asdict(cfg), teachers=paths, results=results))
     return results
+
+
+@torch.no_grad()
+def save_png(path, models, n_objects, res, device, steps, n=4):
+    """For the first n test examples of each task (evaluate_task's, with its noise), side by side: the source image
+    (a blank tile for text-to-image), then each of models[task] (model, CFG scale) from that noise, then the truth.
+    Returns each task's captions or instructions."""
+    blocks, texts = [], {}
+    for task, rows in models.items():
+        b = data.make_batch(task, n, res, device, seed=0, split="test", n_objects=n_objects,
+                            text_len=rows[0][0].config.max_text_len)
+        noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        source = b.cond[:, :3] if b.cond is not None else b.ref if b.ref is not None else torch.zeros_like(b.target)
+        made = [euler(model, noise, model_inputs(b), steps, scale).clamp(-1, 1) for model, scale in rows]
+        blocks.append(torch.cat([torch.cat(list(r), 2) for r in [source] + made + [b.target]], 1))
+        texts[task] = b.text
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    world.to_pil(torch.cat(blocks, 2)).save(path)
+    return texts
 
 
 def teacher_gaps(results, tasks, teachers):
@@ -299,9 +335,7 @@ def teacher_gaps(results, tasks, teachers):
 def command_args(cfg):
     """The command's flags that reproduce a run: its preset (auto differs by device), then every --key=value
     that differs from the preset's defaults."""
-    default = resolve(Config(device=cfg.device, preset=cfg.preset))
-    return " ".join([f"--preset={cfg.preset}"] + [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
-                                                  if k != "preset" and getattr(default, k) != v])
+    return command_flags(cfg, resolve(Config(device=cfg.device, preset=cfg.preset)))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -330,15 +364,15 @@ def train(cfg):
     run = dict(device=cfg.device, compile=cfg.compile, quiet=cfg.quiet)
     base = prerequisite(cfg.preset, "base", cfg.base, **run)
     mcfg = preset_model_config(base, cfg.preset)  # the teachers and the student take the base's model config
-    named = dict(pairs(cfg.experts))
-    paths = {t: base if t == "t2i" else prerequisite(cfg.preset, t, named.get(t, ""), base, **run) for t in tasks}
+    named, world = dict(pairs(cfg.experts)), dict(edit_data=cfg.edit_data, one_edit_token=cfg.one_edit_token)
+    paths = {t: base if t == "t2i" else prerequisite(cfg.preset, t, named.get(t, ""), base, world=world, **run)
+             for t in tasks}
+    if cfg.joint_sft and cfg.eval_n and len(tasks) > 1:  # the paper's main comparison, built before the student
+        paths["joint SFT"] = prerequisite(cfg.preset, "joint", "", base, world=world, tasks=tasks, **run)
     base_ckpt, n_objects = load_checkpoint(base, mcfg), scene_objects(base)
     own = {t: dataclasses.replace(mcfg, one_edit_token=preset_model_config(paths[t], cfg.preset).one_edit_token)
-           for t in tasks}  # a teacher may read edits with one token (world option); the student reads as they do
-    shared = {own[t].one_edit_token for t in tasks if t in ("local_edit", "global_edit")}
-    if len(shared) > 1:
-        raise SystemExit("the edit teachers disagree on one_edit_token (train.py --one_edit_token): train them alike")
-    mcfg = dataclasses.replace(mcfg, one_edit_token=shared.pop() if shared else False)
+           for t in tasks}  # the base reads tasks with a token each; edit teachers as the world says (checked)
+    mcfg = dataclasses.replace(mcfg, one_edit_token=cfg.one_edit_token)  # the student reads as its edit teachers
     teachers = {task: load_teacher(paths[task], own[task], task, env.device) for task in tasks}
     torch.manual_seed(cfg.seed)  # the LoRA init; everything later draws from step_generator
     init = load_checkpoint(cfg.init, dataclasses.replace(mcfg, one_edit_token=preset_model_config(

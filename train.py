@@ -94,6 +94,7 @@ class Config:
                    f"pass --steps={made} or more)") if made > self.steps else ""
             yield (f"--resume: {ckpt} is at step {made}, so --stop_at={self.stop_at} would go back (a resume only "
                    f"goes forward)") if 0 < self.stop_at <= made else ""
+            yield changed_world(ckpt, self)
         else:
             yield f"{ckpt} exists: pass --resume to continue it, or choose another --out" \
                 if os.path.exists(ckpt) else ""
@@ -274,65 +275,111 @@ def train(cfg):
 # base, the one-GPU recipe: 1-3 objects, full captions, 1,800 steps at batch 256; 1,000-step experts.
 # tiny: the small recipe's shape in a few steps, for the tests. grid: the base fine-tuned on two-panel subject grids
 # (four steps in five) and its own scenes, the grid-capable T2I model Diffusion Self-Distillation starts from.
+# joint: SFT on the union of the experts' tasks at the compute of the experts plus a distillation (DanceOPD's main
+# baseline): every expert's steps plus `distill_steps`, the distillation's wall time in SFT steps (small: 300
+# distillation steps took 4.9 min, as long as about 1,200 SFT steps; base: 400 took about 3 min after compiling,
+# about 1,000 steps at 0.2 s).
 CPU_BASE = dict(task="t2i", n_objects=1, pooled_text=True, text_len=world.ONE_OBJECT_TOKENS, t_sampling="logit_normal",
                 grid_rate=0.0)
 FILL = dict(task="joint", joint_tasks="inpaint,outpaint")  # ByteEdit's generator: one model fills holes and borders
 RECIPES = {
     "tiny": dict(base=dict(CPU_BASE, steps=2, batch_size=4), expert=dict(steps=1, batch_size=4),
-                 grid=dict(task="t2i", steps=2, batch_size=4, grid_rate=0.5), fill=dict(FILL, steps=1, batch_size=4)),
+                 grid=dict(task="t2i", steps=2, batch_size=4, grid_rate=0.5), fill=dict(FILL, steps=1, batch_size=4),
+                 joint=dict(task="joint", distill_steps=1, batch_size=4, grid_rate=0.0)),
     "small": dict(base=dict(CPU_BASE, steps=4000, batch_size=64), expert=dict(steps=1500, t_sampling="logit_normal"),
                   grid=dict(task="t2i", steps=3000, batch_size=64, grid_rate=0.8, t_sampling="logit_normal"),
-                  fill=dict(FILL, steps=2000, t_sampling="logit_normal")),
+                  fill=dict(FILL, steps=2000, t_sampling="logit_normal"),
+                  joint=dict(task="joint", distill_steps=1200, t_sampling="logit_normal", grid_rate=0.0)),
     "base": dict(base=dict(task="t2i", n_objects=0, pooled_text=True, grid_rate=0.0, steps=1800, batch_size=256,
                            lr=3e-4, warmup=300),
                  expert=dict(steps=1000, batch_size=256, lr=3e-4, warmup=100),
                  grid=dict(task="t2i", steps=1000, batch_size=256, lr=3e-4, warmup=100, grid_rate=0.8),
-                 fill=dict(FILL, steps=2000, batch_size=256, lr=3e-4, warmup=100)),
+                 fill=dict(FILL, steps=2000, batch_size=256, lr=3e-4, warmup=100),
+                 joint=dict(task="joint", distill_steps=1000, batch_size=256, lr=3e-4, warmup=100, grid_rate=0.0)),
 }
 
 
-def shared_path(preset_name, name, base=""):
+CLEAN_WORLD = dict(edit_data="clean", one_edit_token=False)  # the world options (Config) of an expert or joint SFT
+
+
+def changed_world(ckpt, cfg):
+    """"" or the line refusing to resume `ckpt` under cfg in another world than it was trained in (--resume keeps
+    its data; checkpoints from before the world options were made in the clean world)."""
+    made = {k: peek(ckpt).get("config", {}).get(k) or v for k, v in CLEAN_WORLD.items()}
+    other = [k for k in CLEAN_WORLD if made[k] != getattr(cfg, k)]
+    return f"--resume: {ckpt} was trained with --{other[0]}={str(made[other[0]]).lower()}: pass it again" \
+        if other else ""
+
+
+def world_tag(world):
+    """The folder suffix of experts and joint SFT made in a world other than the clean one: "" for CLEAN_WORLD,
+    else e.g. "_pipeline_one_token" (world: a dict of CLEAN_WORLD's keys)."""
+    world = {**CLEAN_WORLD, **world}
+    return "" if world == CLEAN_WORLD else f"_{world['edit_data']}" + "_one_token" * world["one_edit_token"]
+
+
+def shared_path(preset_name, name, base="", world=None):
     """Where a shared model lives: the base at out/<preset>/base/ckpt.pt; an expert beside the base it was
-    fine-tuned from, at <base dir>/experts/<task>/ckpt.pt (so experts of another base never mix with these); the
-    grid model at <base dir>/grid/ckpt.pt, the fill model at <base dir>/fill/ckpt.pt."""
+    fine-tuned from, at <base dir>/experts/<task>/ckpt.pt (so experts of another base never mix with these) and joint
+    SFT at <base dir>/joint/ckpt.pt, both folders tagged with their world (`world_tag`: experts_pipeline_one_token/);
+    the grid model at <base dir>/grid/ckpt.pt, the fill model at <base dir>/fill/ckpt.pt."""
     if name == "base":
         return os.path.join("out", preset_name, "base", "ckpt.pt")
     if name in ("grid", "fill"):
         return os.path.join(os.path.dirname(base), name, "ckpt.pt")
-    return os.path.join(os.path.dirname(base), "experts", name, "ckpt.pt")
+    tag = world_tag(world or {})
+    folder = f"joint{tag}" if name == "joint" else os.path.join(f"experts{tag}", name)
+    return os.path.join(os.path.dirname(base), folder, "ckpt.pt")
 
 
-def prerequisite(preset_name, name, path="", base="", device="auto", compile="auto", quiet=False):
+def prerequisite(preset_name, name, path="", base="", device="auto", compile="auto", quiet=False, world=None,
+                 tasks=()):
     """The checkpoint of a shared model: name "base", "grid" (the base taught two-panel subject grids), "fill" (the
-    base taught inpainting and outpainting, one model: ByteEdit's generator) or a task for its expert (SFT from the
-    checkpoint `base`).
+    base taught inpainting and outpainting, one model: ByteEdit's generator), a task for its expert (SFT from the
+    checkpoint `base`) or "joint" (SFT from `base` on `tasks` at the experts' and a distillation's compute). Experts
+    and joint SFT are made in `world` (CLEAN_WORLD's keys; default the clean world).
 
     `path` given: it must exist; a path the user named is never built, so a typo cannot start a long build.
     Else its place under out/ (`shared_path`), trained now with RECIPES[preset_name] if it is missing; a cached
-    model trained for another number of steps is used, with a note."""
+    model trained for another number of steps is used, with a note; one made in another world or on other tasks is
+    refused."""
     if path:
         if not os.path.isfile(path):
             raise SystemExit(f"missing checkpoint: {path} (leave the option out to use, or build, the "
                              f"{preset_name} recipe's {name})")
         return path
-    path = shared_path(preset_name, name, base)
-    options = dict(RECIPES[preset_name][name if name in ("base", "grid", "fill") else "expert"])
+    world = {**CLEAN_WORLD, **(world or {})}
+    path, recipe = shared_path(preset_name, name, base, world), RECIPES[preset_name]
+    options = dict(recipe[name if name in ("base", "grid", "fill", "joint") else "expert"])
+    if name == "joint":  # compute matched to the experts of `tasks` and one distillation
+        options.update(steps=recipe["expert"]["steps"] * sum(t != "t2i" for t in tasks) + options.pop("distill_steps"),
+                       joint_tasks=",".join(tasks))
     if name != "base":  # the expert (or grid model) reads captions as its base does, and draws its scenes
         mcfg = DiTConfig(**peek(base)["model_config"])
         options.update(task=options.get("task", name), init_from=base, pooled_text=mcfg.pooled_text,
                        one_edit_token=mcfg.one_edit_token,
                        text_len=mcfg.max_text_len, n_objects=scene_objects(base) or 0)
+        if name not in ("grid", "fill"):
+            options.update(world)
     if os.path.exists(path):
-        made, source = peek(path).get("step"), peek(path).get("config", {}).get("init_from")
+        made = peek(path)
+        source, config = made.get("config", {}).get("init_from"), made.get("config", {})
         if name != "base" and source != base:
             raise SystemExit(f"{path} was fine-tuned from {source}, not {base}: move it away, or name the experts "
                              "with --experts=TASK=PATH")
-        if made != options["steps"]:  # e.g. cached under an older recipe
-            print(f"note: using cached {path}, trained {made} steps (the {preset_name} recipe trains "
+        other = {k: config.get(k) or CLEAN_WORLD[k] for k in world if (config.get(k) or CLEAN_WORLD[k]) != world[k]}
+        if name not in ("base", "grid", "fill") and other:
+            raise SystemExit(f"{path} was made with {other}, not {world}: move it away")
+        if name == "joint" and config.get("joint_tasks") != options["joint_tasks"]:
+            raise SystemExit(f"{path} was trained on {config.get('joint_tasks')}, not {options['joint_tasks']}: move "
+                             "it away, or leave the row out (--joint_sft=false)")
+        if made.get("step") != options["steps"]:  # e.g. cached under an older recipe
+            print(f"note: using cached {path}, trained {made.get('step')} steps (the {preset_name} recipe trains "
                   f"{options['steps']})")
         return path
     what = {"base": "the base model", "grid": f"the grid model (two-panel subject grids, from {base})",
-            "fill": f"the fill model (inpaint and outpaint, from {base})"}.get(
+            "fill": f"the fill model (inpaint and outpaint, from {base})",
+            "joint": f"joint SFT on {options.get('joint_tasks')} (from {base})"}.get(
         name, f"the {name} expert (SFT from {base})")
     print(f"building {what}: {path}, {options['steps']} steps")
     return train(Config(preset=preset_name, out=os.path.dirname(path), device=device, compile=compile, quiet=quiet,

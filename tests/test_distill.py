@@ -5,10 +5,12 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import common
 import data
@@ -271,17 +273,30 @@ def test_end_to_end_resume_and_errors(tmp_path, monkeypatch, capsys):
     ckpt = run(args + [f"--out={tmp_path}/a", "--eval_n=4", "--compare=again=out/tiny/base/ckpt.pt"])
     out = capsys.readouterr().out  # the script builds what is missing, and only that
     assert "building the base" not in out and all(f"building the {t} expert" in out for t in TASKS[1:])
-    for task, path in (("t2i", "out/tiny/base/ckpt.pt"), ("local_edit", "out/tiny/base/experts/local_edit/ckpt.pt"),
-                       ("global_edit", "out/tiny/base/experts/global_edit/ckpt.pt")):
-        built = common.load_checkpoint(path)  # ... with the recipe's steps, the experts from this base
+    assert "building joint SFT on t2i,local_edit,global_edit" in out
+    world = "out/tiny/base/experts_pipeline_one_token"  # the default world's experts live apart from clean ones
+    for task, path in (("t2i", "out/tiny/base/ckpt.pt"), ("local_edit", f"{world}/local_edit/ckpt.pt"),
+                       ("global_edit", f"{world}/global_edit/ckpt.pt")):
+        built = common.load_checkpoint(path)  # ... with the recipe's steps, the experts from this base, in the world
         recipe = train.RECIPES["tiny"]["base" if task == "t2i" else "expert"]
         assert built["step"] == recipe["steps"] and task in built["tasks"]
-        assert task == "t2i" or built["config"]["init_from"] == "out/tiny/base/ckpt.pt"
+        assert task == "t2i" or (built["config"]["init_from"] == "out/tiny/base/ckpt.pt"
+                                 and built["config"]["edit_data"] == "pipeline" and built["config"]["one_edit_token"])
+    joint = common.load_checkpoint("out/tiny/base/joint_pipeline_one_token/ckpt.pt")  # matched compute: the two
+    assert joint["step"] == 2 * train.RECIPES["tiny"]["expert"]["steps"] + train.RECIPES["tiny"]["joint"][
+        "distill_steps"] and joint["tasks"] == sorted(TASKS)  # experts' steps and the distillation's
+    assert joint["config"]["edit_data"] == "pipeline" and joint["model_config"]["one_edit_token"]
     model, ck = common.load_model(ckpt)  # a standard checkpoint: merged LoRA, plain DiT keys
     assert ck["tasks"] == sorted(TASKS) and not any("lora" in k for k in ck["ema"])
+    assert ck["model_config"]["one_edit_token"]  # the student reads edits as its teachers do
     res = json.load(open("results/danceopd/danceopd.json"))["results"]
     assert set(res) == {"danceopd", "base (t2i teacher)", "local_edit teacher", "global_edit teacher",
-                        "merged teachers", "again"}
+                        "merged teachers", "joint SFT", "again"}
+    png = Image.open("results/danceopd/danceopd.png")  # 4 examples a task; source, teacher, student, joint, truth
+    assert png.size == (3 * 4 * 32, 5 * 32)
+    shutil.copytree(world, "out/tiny/base/experts")  # the clean world's cache holding another world's experts
+    with pytest.raises(SystemExit, match="was made with .*'edit_data': 'pipeline'.*: move it away"):
+        train.prerequisite("tiny", "local_edit", base="out/tiny/base/ckpt.pt", quiet=True)
     base_row = res["base (t2i teacher)"]["t2i"]  # the same model and seeds give the same row, whatever its label
     gap = res["again"]["t2i"].pop("vs_teacher")  # the T2I teacher again, paired with itself: no gap at all
     assert gap == {"success": [0.0, 0.0], "psnr_truth": [0.0, 0.0]}
@@ -327,7 +342,7 @@ def test_the_base_checkpoint_sets_the_model_config(tmp_path, monkeypatch):
     args = ["--preset=tiny", f"--base={base}", "--tasks=t2i,local_edit", "--batch_size=4", "--lora_rank=4", "--quiet",
             "--steps=2", "--eval_n=0"]
     student = run(args + [f"--out={tmp_path}/a"])
-    expert = common.load_checkpoint(f"{tmp_path}/mine/experts/local_edit/ckpt.pt")
+    expert = common.load_checkpoint(f"{tmp_path}/mine/experts_pipeline_one_token/local_edit/ckpt.pt")
     for ckpt in (expert, common.load_checkpoint(student)):
         assert not ckpt["model_config"]["pooled_text"] and ckpt["model_config"]["max_text_len"] == 24
     assert not os.path.exists("out/tiny")  # the shared tiny models were neither used nor built
@@ -338,8 +353,8 @@ def test_the_base_checkpoint_sets_the_model_config(tmp_path, monkeypatch):
 
 def test_a_world_with_one_edit_token_and_pipeline_edits(tmp_path, monkeypatch):
     """World options: edit teachers trained with one edit token make a student that reads edits with one token;
-    teachers that disagree are refused; --edit_data gives the off-policy baseline the teachers' (degraded)
-    targets; the table gives each model's paired gap to the task's teacher."""
+    teachers of another world than the run's are refused; --edit_data gives the off-policy baseline the teachers'
+    (degraded) targets; the table gives each model's paired gap to the task's teacher."""
     monkeypatch.chdir(tmp_path)
     tiny = ["--preset=tiny", "--steps=2", "--batch_size=4", "--eval_n=0", "--quiet"]
     base = train.train(common.parse_config(train.Config(), tiny + [f"--out={tmp_path}/base"]))
@@ -349,18 +364,17 @@ def test_a_world_with_one_edit_token_and_pipeline_edits(tmp_path, monkeypatch):
             f"--task={'global_edit' if task == 'other' else task}", f"--init_from={base}", f"--one_edit_token={one}",
             "--edit_data=pipeline", f"--out={tmp_path}/{task}"]))
     args = ["--preset=tiny", f"--base={base}", "--batch_size=4", "--lora_rank=4", "--quiet", "--steps=2",
-            "--eval_n=4", "--name=world"]
+            "--eval_n=4", "--name=world", "--joint_sft=false"]
     mine = f"--experts=local_edit={experts['local_edit']},global_edit={experts['global_edit']}"
-    with pytest.raises(SystemExit, match="was trained on --edit_data=pipeline: pass --edit_data=pipeline"):
-        run(args + [mine, f"--out={tmp_path}/a"])
-    args.append("--edit_data=pipeline")
-    student = run(args + [mine, f"--out={tmp_path}/a"])
+    with pytest.raises(SystemExit, match="trained with --edit_data=pipeline --one_edit_token=true: pass these"):
+        run(args + [mine, f"--out={tmp_path}/a", "--edit_data=clean"])
+    student = run(args + [mine, f"--out={tmp_path}/a"])  # the default world is theirs
     assert common.load_checkpoint(student)["model_config"]["one_edit_token"]
     res = json.load(open("results/danceopd/world.json"))["results"]
     gap = res["world"]["local_edit"]["vs_teacher"]
     assert set(gap) == {"success", "psnr_truth"} and "vs_teacher" not in res["local_edit teacher"]["local_edit"]
-    assert "per_example" not in res["world"]["t2i"]
-    with pytest.raises(SystemExit, match="disagree on one_edit_token"):
+    assert "per_example" not in res["world"]["t2i"] and "joint SFT" not in res  # --joint_sft=false: no row
+    with pytest.raises(SystemExit, match="trained with --edit_data=pipeline --one_edit_token=false: pass these"):
         run(args + [f"--experts=local_edit={experts['local_edit']},global_edit={experts['other']}",
                     f"--out={tmp_path}/b"])
     cfg = config(edit_data="pipeline", batch_size=8)

@@ -156,6 +156,8 @@ CASES = [
     ("distill_onpolicy", ["--compare=x=junk.pt"], "junk.pt is not a checkpoint of this project"),
     ("distill_onpolicy", ["--init=out/run/ckpt.pt", "--preset=small"], "is not a --preset=small model"),
     ("train", ["--resume", "--out=out/run", "--steps=5", "--stop_at=1"], "so --stop_at=1 would go back"),
+    ("train", ["--resume", "--out=out/run", "--steps=5", "--edit_data=pipeline"],
+     "out/run/ckpt.pt was trained with --edit_data=clean: pass it again"),
     ("judges", ["--families=all,color"], "--families: all stands alone"),
     ("judges", ["--agreement_ckpt=junk.pt"], "junk.pt is not a checkpoint of this project"),
     ("dual_process", ["--controls=sparkle"], "--controls: unknown control 'sparkle'"),
