@@ -45,7 +45,7 @@ from common import (check_config, command_flags, load_checkpoint, load_model, lo
 from evaluate import evaluate_task, paired_difference, plain_name_problem, write_results
 from model import DiT, PRESETS, add_lora, merged_copy
 from sample import euler, guided_velocity, interpolate, rollout, timesteps
-from train import changed_world, preset_model_config, prerequisite, scene_objects
+from train import changed_world, made_world, preset_model_config, prerequisite, scene_objects
 
 
 @dataclass
@@ -58,7 +58,8 @@ class Config:
     base: str = option("", path="file")  # the base = T2I teacher = student init, unless --init ("" = out/<preset>/
                                    # base/ckpt.pt, built from train.RECIPES if missing; a path given must exist)
     experts: str = option("", pairs=data.TASKS)  # TASK=PATH,... of the other teachers (a task not named: the
-                                   # base's expert, <base dir>/experts/<task>/ckpt.pt, built from train.RECIPES)
+                                   # base's expert in the run's world, <base dir>/experts_pipeline_one_token/<task>/
+                                   # ckpt.pt by default, built from train.RECIPES: train.shared_path)
     init: str = option("", path="file")  # the student's start ("" = the base; e.g. joint SFT: one that already edits)
     tasks: str = option("t2i,local_edit,global_edit", each=data.TASKS)  # the capabilities routed to, one teacher each
     steps: int = option(0, low=0)  # distillation steps (0 = DEFAULTS: 300 on CPU, 400 at base; paper: 3000)
@@ -108,11 +109,11 @@ class Config:
                 f"--experts={task}=...: {task} is not an edit task of --tasks={cfg.tasks} (the T2I teacher is --base)"
             yield "" if task in peek(path).get("tasks", []) else f"{path} was trained for " \
                 f"{', '.join(peek(path).get('tasks', []))}, so it cannot teach {task}"
-            made = peek(path).get("config", {})
-            made = (made.get("edit_data") or "clean", bool(made.get("one_edit_token")))
-            yield "" if made == (cfg.edit_data, cfg.one_edit_token) else f"{path} was trained with --edit_data=" \
-                f"{made[0]} --one_edit_token={str(made[1]).lower()}: pass these, so that the student reads edits as " \
-                "its teachers do and off-policy states and the table describe their world"
+            made = made_world(path)
+            yield "" if made == dict(edit_data=cfg.edit_data, one_edit_token=cfg.one_edit_token) else \
+                f"{path} was trained with --edit_data={made['edit_data']} --one_edit_token=" \
+                f"{str(made['one_edit_token']).lower()}: pass these, so that the student reads edits as its teachers " \
+                "do and off-policy states and the table describe their world"
         for path in [p for p in (cfg.base, cfg.init) if p] + [p for _, p in pairs(cfg.experts)]:
             preset_model_config(path, cfg.preset)  # a one-line error for a checkpoint of another preset
         for _, path in pairs(cfg.compare):
@@ -249,9 +250,10 @@ ATTRIBUTES = ("shape", "color", "size", "cell", "line", "count", "horizon", "sky
 
 
 @torch.no_grad()
-def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
-    """Score the student, every teacher, the merged teachers and --compare checkpoints on every task (same
-    seeds, exact scorer); print and write results/danceopd/<name>.md and .json. Returns {label: {task: metrics}}."""
+def evaluate_all(cfg, tasks, student, teachers, paths, extra, n_objects, device):
+    """Score the student, every teacher, the merged teachers and `extra` (label -> checkpoint: joint SFT, --compare)
+    on every task (same seeds, exact scorer); print and write results/danceopd/<name>.md, .json and .png. Returns
+    {label: {task: metrics}}."""
     models = {cfg.name: (student, 1.0)}  # label -> (model, CFG scale); teachers at the alpha they taught with
     for task, teacher in teachers.items():
         models.setdefault("base (t2i teacher)" if task == "t2i" else f"{task} teacher", (teacher, cfg.cfg_alpha))
@@ -259,7 +261,7 @@ def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
         merged = DiT(student.config).to(device).eval()  # reads task ids as the student does (one_edit_token)
         merged.load_state_dict(merge_weights([m.state_dict() for m in teachers.values()]))
         models["merged teachers"] = (merged, 1.0)
-    for label, path in [(k, v) for k, v in paths.items() if k == "joint SFT"] + pairs(cfg.compare):
+    for label, path in extra.items():
         models[label] = (load_model(path, device)[0], 1.0)
     res, results = student.config.image_size, {}
     for label, (model, scale) in tqdm(models.items(), desc="evaluate", disable=cfg.quiet):
@@ -286,7 +288,8 @@ def evaluate_all(cfg, tasks, student, teachers, paths, n_objects, device):
     lines += ["", f"`{cfg.name}.png`: the first 4 test examples of each task ({', '.join(tasks)}, left to right), "
               f"the evaluation's noise; rows: the source image (edits), {', '.join(rows)}, the truth. Their words: "
               + "; ".join(f"{t}: " + " / ".join(texts[t]) for t in tasks) + "."]
-    write_results(f"danceopd/{cfg.name}", lines, dict(config=dataclasses.asdict(cfg), teachers=paths, results=results))
+    write_results(f"danceopd/{cfg.name}", lines, dict(config=dataclasses.asdict(cfg), teachers=paths, rows=extra,
+                                                      results=results))
     return results
 
 
@@ -364,11 +367,12 @@ def train(cfg):
     run = dict(device=cfg.device, compile=cfg.compile, quiet=cfg.quiet)
     base = prerequisite(cfg.preset, "base", cfg.base, **run)
     mcfg = preset_model_config(base, cfg.preset)  # the teachers and the student take the base's model config
-    named, world = dict(pairs(cfg.experts)), dict(edit_data=cfg.edit_data, one_edit_token=cfg.one_edit_token)
-    paths = {t: base if t == "t2i" else prerequisite(cfg.preset, t, named.get(t, ""), base, world=world, **run)
+    named, where = dict(pairs(cfg.experts)), dict(edit_data=cfg.edit_data, one_edit_token=cfg.one_edit_token)
+    paths = {t: base if t == "t2i" else prerequisite(cfg.preset, t, named.get(t, ""), base, world=where, **run)
              for t in tasks}
-    if cfg.joint_sft and cfg.eval_n and len(tasks) > 1:  # the paper's main comparison, built before the student
-        paths["joint SFT"] = prerequisite(cfg.preset, "joint", "", base, world=world, tasks=tasks, **run)
+    extra = dict(pairs(cfg.compare))  # more rows of the table; first joint SFT, the paper's main comparison
+    if cfg.joint_sft and cfg.eval_n and len(tasks) > 1:  # built before the student, as every prerequisite
+        extra = {"joint SFT": prerequisite(cfg.preset, "joint", "", base, world=where, tasks=tasks, **run), **extra}
     base_ckpt, n_objects = load_checkpoint(base, mcfg), scene_objects(base)
     own = {t: dataclasses.replace(mcfg, one_edit_token=preset_model_config(paths[t], cfg.preset).one_edit_token)
            for t in tasks}  # the base reads tasks with a token each; edit teachers as the world says (checked)
@@ -430,7 +434,7 @@ def train(cfg):
             log.write(json.dumps(row) + "\n"), log.flush()
     save(end)
     if end == cfg.steps and cfg.eval_n:
-        results = evaluate_all(cfg, tasks, merged_copy(student), teachers, dict(paths, base=base), n_objects,
+        results = evaluate_all(cfg, tasks, merged_copy(student), teachers, paths, extra, n_objects,
                                env.device)
         log.write(json.dumps(dict(step=cfg.steps, eval=results)) + "\n")
     log.close()

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import questions
 import scorer
 import world
 from common import (check_config, command_flags, load_checkpoint, model_inputs, option, parse_config, peek,
@@ -45,6 +44,7 @@ from controls import (CONTROLS, TRAIN_PROMPTS, caption_kept, control_prompts, cu
 from evaluate import plain_name_problem, write_results
 from judges import prerequisite as judge_prerequisite
 from model import DiT, PRESETS, add_lora, lora_parameters, merged_copy
+from questions import overlay
 from sample import euler, timesteps, x0_from_v
 from train import preset_model_config, prerequisite
 
@@ -131,7 +131,7 @@ def resume_problem(cfg, ckpt, saved):
 def judge_log_p(judge, images, questions, visual=None):
     """Mean over each image's questions of log p(answer | image with the visual prompt, question): (B,). A question
     is a string (the answer "Yes") or a (question, answer) pair, answer True for "Yes", False for "No"."""
-    images = questions.overlay(images, visual)
+    images = overlay(images, visual)
     k = len(questions[0])
     flat = [q if isinstance(q, tuple) else (q, True) for qs in questions for q in qs]  # B k, image-major
     log_p = judge.log_probs(images.repeat_interleave(k, 0), [q for q, _ in flat])     # (B k, vocab)

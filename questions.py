@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from data import SPLITS, perturb_subject
-from world import (CELLS, COLORS, COOL, HORIZONS, LIGHT, LINES, SHAPES, WARM, Scene, caption, render,
-                   sample_background, sample_object, sample_scene)
+from world import (CELLS, COLORS, COOL, HORIZONS, LIGHT, LINES, SHAPES, WARM, Scene, render, sample_background,
+                   sample_object, sample_scene)
 
 FAMILIES = ("color", "shape", "count", "position", "horizon", "line", "palette", "size", "same",
             "guide", "strip", "night", "large")  # the last four: the Dual-Process controls' questions

@@ -9,7 +9,7 @@ Rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2023; SD3, Esser 
 the target x_t = (1 - t) x0 + t eps, regress the model's velocity on eps - x0 (MSE). Captions are dropped
 with probability `cond_drop` so classifier-free guidance works at sampling time (Ho & Salimans 2022).
 
-The shared models every method script starts from (the base, one expert per task) have one recipe per preset
+The shared models the method scripts start from (the base, one expert per task, joint SFT) have one recipe per preset
 (`RECIPES`) and one home under out/<preset>/; `prerequisite` returns a cached one or builds it with this file's
 `train`, so two scripts can never build two different out/<preset>/base/ckpt.pt (docs/base.md: why this recipe).
 """
@@ -302,10 +302,18 @@ RECIPES = {
 CLEAN_WORLD = dict(edit_data="clean", one_edit_token=False)  # the world options (Config) of an expert or joint SFT
 
 
+def made_world(path):
+    """The world options the checkpoint at `path` was made in: its edit data (clean where the run predates the
+    option) and whether its model reads local and global edits with one token."""
+    ckpt = peek(path)
+    return dict(edit_data=ckpt.get("config", {}).get("edit_data") or "clean",
+                one_edit_token=bool(ckpt.get("model_config", {}).get("one_edit_token")))
+
+
 def changed_world(ckpt, cfg):
     """"" or the line refusing to resume `ckpt` under cfg in another world than it was trained in (--resume keeps
-    its data; checkpoints from before the world options were made in the clean world)."""
-    made = {k: peek(ckpt).get("config", {}).get(k) or v for k, v in CLEAN_WORLD.items()}
+    its data)."""
+    made = made_world(ckpt)
     other = [k for k in CLEAN_WORLD if made[k] != getattr(cfg, k)]
     return f"--resume: {ckpt} was trained with --{other[0]}={str(made[other[0]]).lower()}: pass it again" \
         if other else ""
@@ -318,16 +326,19 @@ def world_tag(world):
     return "" if world == CLEAN_WORLD else f"_{world['edit_data']}" + "_one_token" * world["one_edit_token"]
 
 
-def shared_path(preset_name, name, base="", world=None):
+def shared_path(preset_name, name, base="", world=None, tasks=()):
     """Where a shared model lives: the base at out/<preset>/base/ckpt.pt; an expert beside the base it was
     fine-tuned from, at <base dir>/experts/<task>/ckpt.pt (so experts of another base never mix with these) and joint
-    SFT at <base dir>/joint/ckpt.pt, both folders tagged with their world (`world_tag`: experts_pipeline_one_token/);
-    the grid model at <base dir>/grid/ckpt.pt, the fill model at <base dir>/fill/ckpt.pt."""
+    SFT at <base dir>/joint/ckpt.pt (joint_<task>_<task>/ for other `tasks` than Config.joint_tasks'), both folders
+    tagged with their world (`world_tag`: experts_pipeline_one_token/); the grid model at <base dir>/grid/ckpt.pt,
+    the fill model at <base dir>/fill/ckpt.pt."""
     if name == "base":
         return os.path.join("out", preset_name, "base", "ckpt.pt")
     if name in ("grid", "fill"):
         return os.path.join(os.path.dirname(base), name, "ckpt.pt")
     tag = world_tag(world or {})
+    if name == "joint" and set(tasks) != set(Config.joint_tasks.split(",")):
+        tag = "_" + "_".join(sorted(tasks)) + tag
     folder = f"joint{tag}" if name == "joint" else os.path.join(f"experts{tag}", name)
     return os.path.join(os.path.dirname(base), folder, "ckpt.pt")
 
@@ -349,7 +360,7 @@ def prerequisite(preset_name, name, path="", base="", device="auto", compile="au
                              f"{preset_name} recipe's {name})")
         return path
     world = {**CLEAN_WORLD, **(world or {})}
-    path, recipe = shared_path(preset_name, name, base, world), RECIPES[preset_name]
+    path, recipe = shared_path(preset_name, name, base, world, tasks), RECIPES[preset_name]
     options = dict(recipe[name if name in ("base", "grid", "fill", "joint") else "expert"])
     if name == "joint":  # compute matched to the experts of `tasks` and one distillation
         options.update(steps=recipe["expert"]["steps"] * sum(t != "t2i" for t in tasks) + options.pop("distill_steps"),
@@ -367,10 +378,10 @@ def prerequisite(preset_name, name, path="", base="", device="auto", compile="au
         if name != "base" and source != base:
             raise SystemExit(f"{path} was fine-tuned from {source}, not {base}: move it away, or name the experts "
                              "with --experts=TASK=PATH")
-        other = {k: config.get(k) or CLEAN_WORLD[k] for k in world if (config.get(k) or CLEAN_WORLD[k]) != world[k]}
+        other = {k: v for k, v in made_world(path).items() if v != world[k]}
         if name not in ("base", "grid", "fill") and other:
             raise SystemExit(f"{path} was made with {other}, not {world}: move it away")
-        if name == "joint" and config.get("joint_tasks") != options["joint_tasks"]:
+        if name == "joint" and set(config.get("joint_tasks", "").split(",")) != set(tasks):
             raise SystemExit(f"{path} was trained on {config.get('joint_tasks')}, not {options['joint_tasks']}: move "
                              "it away, or leave the row out (--joint_sft=false)")
         if made.get("step") != options["steps"]:  # e.g. cached under an older recipe

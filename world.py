@@ -6,7 +6,8 @@ shapes, eight colours, two sizes, a 3x3 grid, 1-3 objects, backgrounds with an o
 built so that parsing is unambiguous: objects never sit in neighbouring cells, object colours are saturated and
 background colours are not, sky and ground are both light or both dark, and outlines contrast with them.
 
-data.py builds the tasks (condition -> target pairs, VQA, your own files) on top of this file.
+data.py builds the tasks (condition -> target pairs, your own files) on top of this file, questions.py the
+judge's yes/no questions.
 Image convention everywhere: float tensors in [-1, 1], (B, 3, H, W); masks (B, 1, H, W) in {0, 1}.
 """
 import math

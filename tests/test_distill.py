@@ -394,3 +394,16 @@ def test_the_preset_defaults_fill_only_what_is_left_open():
     assert opd.command_args(mine) == "--preset=tiny --out=elsewhere --steps=7"
     with pytest.raises(SystemExit, match="must be >= 0"):
         opd.check_config(opd.Config(steps=-1))
+
+
+def test_each_world_and_task_set_has_its_own_shared_models():
+    """Experts and joint SFT of another world, or joint SFT of other tasks, never share a folder with the clean
+    world's defaults; the order the tasks are named in does not matter."""
+    base, world = "out/tiny/base/ckpt.pt", dict(edit_data="pipeline", one_edit_token=True)
+    assert train.shared_path("tiny", "local_edit", base) == "out/tiny/base/experts/local_edit/ckpt.pt"
+    assert train.shared_path("tiny", "local_edit", base, world) == \
+        "out/tiny/base/experts_pipeline_one_token/local_edit/ckpt.pt"
+    assert train.shared_path("tiny", "joint", base, world, ["global_edit", "t2i", "local_edit"]) == \
+        "out/tiny/base/joint_pipeline_one_token/ckpt.pt"
+    assert train.shared_path("tiny", "joint", base, {}, ["local_edit", "global_edit"]) == \
+        "out/tiny/base/joint_global_edit_local_edit/ckpt.pt"

@@ -113,15 +113,15 @@ def test_save_then_auto_class_reload_gives_the_same_log_probs(vlm, tmp_path):
 def binding_batch(n, seed):
     """Pure binding: one warm or cool object and "are all the shapes warm|cool colors ?" asked at random, so the
     image alone and the question alone each predict the answer at chance."""
-    rng, scenes, questions, answers = np.random.default_rng(seed), [], [], []
+    rng, scenes, asked, answers = np.random.default_rng(seed), [], [], []
     while len(scenes) < n:
         s = world.sample_scene(rng, n_objects=1)
         if s.objects[0].color in world.WARM + world.COOL:
             kind = ("warm", "cool")[rng.integers(2)]
             scenes.append(s)
-            questions.append(f"are all the shapes {kind} colors ?")
+            asked.append(f"are all the shapes {kind} colors ?")
             answers.append(s.objects[0].color in (world.WARM if kind == "warm" else world.COOL))
-    return questions.VQA("palette", world.render(scenes, 32), questions, torch.tensor(answers))
+    return questions.VQA("palette", world.render(scenes, 32), asked, torch.tensor(answers))
 
 
 def trained_accuracy(statement_weight, steps=250, seed=0):
