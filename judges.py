@@ -25,7 +25,8 @@ import data
 import questions
 import world
 import scorer
-from common import check_config, load_model, model_inputs, option, parse_config, peek, save_checkpoint, setup
+from common import (check_config, cosine_lr, load_model, model_inputs, option, parse_config, peek, save_checkpoint,
+                    setup)
 from rewards import (Aesthetic, Alignment, aesthetic_batch, alignment_batch, alignment_loss, bt_loss, load_reward,
                      pairwise_accuracy, pairwise_by_change, preference_pairs, retrieval_accuracy)
 from sample import euler
@@ -223,11 +224,6 @@ def family_batch(cfg):
     return counts
 
 
-def lr_at(cfg, step, steps, lr):
-    """Linear warm-up, then cosine decay to 5% at `steps`."""
-    return lr * min(1, (step + 1) / cfg.warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(1, step / steps))))
-
-
 @torch.no_grad()
 def vqa_accuracy(judge, n, res, seed=10_000, split="test", families=questions.FAMILIES, batch=100):
     """Accuracy per family on n held-out questions, half of them yes (so it is also the balanced accuracy)."""
@@ -352,7 +348,7 @@ def train_judge(cfg, env, kind, path):
         bar = tqdm(range(steps), desc=phase, disable=cfg.quiet)
         for step in bar:
             for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step, steps, lr)
+                g["lr"] = cosine_lr(step, steps, lr, cfg.warmup)
             with env.ctx:
                 loss = step_loss(cfg, phase, net, cfg.seed * 1_000_003 + 500_000 * i + step, env.device, heads)
             loss.backward()

@@ -133,7 +133,7 @@ def trained_accuracy(statement_weight, steps=250, seed=0):
     cfg = judges.Config(warmup=20)
     for step in range(steps):  # the loop of judges.train_judge on this one question family
         for g in opt.param_groups:
-            g["lr"] = judges.lr_at(cfg, step, steps, 1e-3)
+            g["lr"] = common.cosine_lr(step, steps, 1e-3, cfg.warmup)
         judges.vqa_loss(judge, binding_batch(32, step), statement_weight).backward()
         torch.nn.utils.clip_grad_norm_(judge.model.parameters(), cfg.grad_clip)
         opt.step()
